@@ -1,0 +1,90 @@
+"""The dedup stage on real Kafka with real worker processes: a messageId passes once, across restarts of the
+ingest and of the worker (graceful and SIGKILL), and undecodable bytes are dead-lettered without stopping it."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections import Counter
+
+from confluent_kafka import Producer
+
+from tests.support import Pipeline
+
+
+def raw_ids(pipeline: Pipeline, until_ids: set[str], timeout: float = 90) -> Counter[str]:
+    """messageId -> how many times it is on cdp.events.raw, read until every id in `until_ids` is there."""
+    records = pipeline.read("events.raw", until=lambda rs: {r.key.decode() for r in rs} >= until_ids, timeout=timeout)
+    return Counter(r.key.decode() for r in records)
+
+
+def send(pipeline: Pipeline, message_id: str, user: str = "u1") -> None:
+    response = pipeline.post("/v1/track", {"userId": user, "event": "Clicked", "messageId": message_id})
+    assert response.status_code == 200, response.text
+
+
+def test_a_message_id_sent_twice_passes_once_across_restarts(pipeline: Pipeline) -> None:
+    run = uuid.uuid4().hex[:8]
+    twice = f"dup-{run}"
+    ingest = pipeline.start("ingest")
+    worker = pipeline.start("worker")
+    send(pipeline, twice)
+    send(pipeline, twice)
+    batch = {"batch": [{"type": "track", "userId": "u1", "event": "Clicked", "messageId": twice}] * 3}
+    assert pipeline.post("/v1/batch", batch).status_code == 200
+    send(pipeline, f"marker1-{run}")
+    seen = raw_ids(pipeline, {twice, f"marker1-{run}"})
+    assert seen[twice] == 1
+
+    pipeline.stop(ingest)
+    pipeline.stop(worker)
+    pipeline.start("ingest")
+    pipeline.start("worker")
+    send(pipeline, twice)
+    send(pipeline, f"marker2-{run}")
+    seen = raw_ids(pipeline, {f"marker2-{run}"})
+    assert seen[twice] == 1, "the dedup memory survived the restart of both processes"
+    assert seen[f"marker1-{run}"] == 1 and seen[f"marker2-{run}"] == 1
+
+    accepted = pipeline.read("events.accepted", until=lambda rs: len(rs) >= 8, decode=False)
+    assert sum(1 for r in accepted if r.key.decode() == twice) == 6, "every copy was accepted; dedup is behind"
+
+
+def test_sigkill_of_the_worker_mid_stream_loses_nothing_and_duplicates_nothing(pipeline: Pipeline) -> None:
+    run = uuid.uuid4().hex[:8]
+    ids = [f"k-{run}-{n}" for n in range(3_000)]
+    pipeline.start("ingest")
+    worker = pipeline.start("worker")
+    for start in range(0, len(ids), 250):  # every id twice, the second copy one batch later
+        chunk = ids[start : start + 250] + ids[max(0, start - 250) : start]
+        body = {"batch": [{"type": "track", "userId": "u", "event": "e", "messageId": m} for m in chunk]}
+        assert pipeline.post("/v1/batch", body).status_code == 200
+        if start == 1_500:
+            pipeline.stop(worker, signal.SIGKILL)
+            worker = pipeline.start("worker")
+    body = {"batch": [{"type": "track", "userId": "u", "event": "e", "messageId": m} for m in ids[-250:]]}
+    assert pipeline.post("/v1/batch", body).status_code == 200
+    pipeline.stop(worker, signal.SIGKILL)  # and once more, after everything was sent
+    pipeline.start("worker")
+    seen = raw_ids(pipeline, set(ids), timeout=120)
+    assert set(seen) == set(ids), f"lost: {sorted(set(ids) - set(seen))[:5]}"
+    assert max(seen.values()) == 1, f"written twice: {[m for m, n in seen.items() if n > 1][:5]}"
+
+
+def test_undecodable_bytes_go_to_the_dead_letter_topic_and_the_stage_goes_on(pipeline: Pipeline) -> None:
+    run = uuid.uuid4().hex[:8]
+    pipeline.start("ingest")
+    pipeline.start("worker")
+    producer = Producer({"bootstrap.servers": pipeline.bootstrap, "partitioner": "murmur2_random"})
+    garbage = b'{"userId": "not avro"}'
+    producer.produce(pipeline.topic("events.accepted"), key=f"junk-{run}".encode(), value=garbage)
+    producer.produce(pipeline.topic("events.accepted"), key=f"junk2-{run}".encode(), value=b"\xc3\x01" + b"\x00" * 4)
+    producer.flush(10)
+    send(pipeline, f"after-{run}")
+    assert raw_ids(pipeline, {f"after-{run}"})[f"after-{run}"] == 1
+    letters = pipeline.read("events.dead-letter", until=lambda rs: len(rs) >= 2)
+    by_key = {r.key.decode(): r.value for r in letters}
+    junk = by_key[f"junk-{run}"]
+    assert junk["value"] == garbage and junk["stage"] == "dedup" and junk["error"] == "UndecodableError"
+    assert pipeline.topic("events.accepted") in junk["reason"] and "7b" in junk["reason"].lower()
+    assert by_key[f"junk2-{run}"]["error"] == "UndecodableError"

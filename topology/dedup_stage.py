@@ -1,0 +1,200 @@
+"""The dedup stage on a Faust stream: decode, drop repeated messageIds, write to raw, then remember.
+
+Reads cdp.events.accepted (key messageId, so every copy of a messageId meets in one partition) and writes the
+first sightings to the *same partition number* of cdp.events.raw, which doubles as the changelog of the
+per-partition SeenStore (see topology/seen_store.py). Order of effects per batch, and why it is crash-safe:
+  1. catch up: if the partition was (re)assigned or a write failed, read raw from the store's offset to the end;
+  2. decide with agents.ingest.dedup (pure), dead-lettering bytes that don't decode;
+  3. write outputs and dead letters and wait until Kafka acknowledged all of them;
+  4. remember the sightings with the raw offset they reach; Faust commits the input offsets after that.
+A SIGKILL anywhere re-reads some inputs after restart; step 1 has already put their outputs in the store, so
+they are dropped, not written twice. Nothing is committed before its output is acknowledged, so nothing is lost.
+
+The logic is pure (agents/ingest/dedup.py); this module is the I/O around it, which is why it lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from agents.errors import DeliveryFailed, UndecodableError
+from agents.events import RawEvent
+from agents.ingest.dedup import first_sightings
+from topology.codecs import AvroCodec
+from topology.dead_letters import dead_letter
+from topology.producer import AsyncProducer, Record
+from topology.seen_store import SeenStore
+
+log = logging.getLogger(__name__)
+CATCH_UP_GRACE_MS = 3_600_000  # a store rebuilt from scratch reads raw from (now - window - this)
+MAX_BACKOFF_S = 5.0
+
+
+@dataclass
+class DedupCounters:
+    """What the stage did since start; served on /metrics."""
+
+    passed: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    caught_up: int = 0
+
+
+class DedupStage:
+    """One instance per worker process; owns a SeenStore per assigned partition."""
+
+    def __init__(
+        self,
+        *,
+        accepted_topic: str,
+        raw_topic: str,
+        dead_letter_topic: str,
+        codec: AvroCodec,
+        dead_letter_codec: AvroCodec,
+        window_ms: int,
+        store_dir: Path,
+        bootstrap: str,
+        producer: Callable[[], AsyncProducer],
+        batch_size: int = 2_000,
+        batch_within: float = 0.05,
+    ) -> None:
+        self.accepted_topic, self.raw_topic, self.dead_letter_topic = accepted_topic, raw_topic, dead_letter_topic
+        self.codec, self.dead_letter_codec = codec, dead_letter_codec
+        self.window_ms = window_ms
+        self.store_dir = store_dir
+        self.bootstrap = bootstrap
+        self._producer = producer
+        self.batch_size, self.batch_within = batch_size, batch_within
+        self.counters = DedupCounters()
+        self._stores: dict[int, SeenStore] = {}
+        self._stale: set[int] = set()
+
+    def on_partitions_assigned(self, partitions: set[int]) -> None:
+        """Another worker may have written to raw while we did not own these: catch up before the next batch."""
+        self._stale |= partitions
+
+    async def run(self, stream: AsyncIterable[Any]) -> None:
+        """The Faust agent body: batches of events, processed partition by partition in offset order."""
+        async for events in stream.take_events(self.batch_size, within=self.batch_within):  # type: ignore[attr-defined]
+            by_partition: dict[int, list[Any]] = defaultdict(list)
+            for event in events:
+                by_partition[event.message.partition].append(event)
+            for partition, batch in by_partition.items():
+                await self._process_until_written(partition, batch)
+
+    async def _process_until_written(self, partition: int, events: Sequence[Any]) -> None:
+        """Retry a batch until Kafka takes it: giving up would commit past inputs whose outputs were lost."""
+        backoff = 0.1
+        while True:
+            try:
+                await self._process(partition, events)
+                return
+            except DeliveryFailed as exc:
+                log.warning("dedup: partition %d: %s; retrying in %.1fs", partition, exc, backoff)
+                self._stale.add(partition)  # some outputs may have landed: find them before deciding again
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def _process(self, partition: int, events: Sequence[Any]) -> None:
+        store = await self._ready_store(partition)
+        decoded: list[tuple[RawEvent, bytes]] = []
+        records: list[Record] = []
+        applied = store.next_input
+        events = [event for event in events if event.message.offset >= applied]  # re-read after a crash: done
+        if not events:
+            return
+        for event in events:
+            message = event.message
+            try:
+                decoded.append((self.codec.decode(message.value), message.value))
+            except UndecodableError as exc:
+                letter = dead_letter(
+                    stage="dedup", error=exc, topic=message.topic, partition=partition,
+                    offset=message.offset, key=message.key, value=message.value,
+                )  # fmt: skip
+                records.append(Record(self.dead_letter_topic, message.key, self.dead_letter_codec.encode(letter)))
+        original = {id(raw): value for raw, value in decoded}
+        out = first_sightings([raw for raw, _ in decoded], store, self.window_ms, store.stream_time)
+        records.extend(
+            Record(self.raw_topic, raw["message_id"].encode(), original[id(raw)], partition, stream_time)
+            for raw, stream_time in out.passed
+        )
+        written = await self._producer().write_all(records)
+        raw_offsets = [w.offset for w in written if w.topic == self.raw_topic]
+        next_offset = max(raw_offsets) + 1 if raw_offsets else store.next_offset or 0
+        store.remember(out.remember, next_offset, out.stream_time, events[-1].message.offset + 1)
+        store.forget_before(out.stream_time - self.window_ms)
+        self.counters.passed += len(out.passed)
+        self.counters.duplicates += len(decoded) - len(out.passed)
+        self.counters.dead_lettered += len(records) - len(out.passed)
+
+    async def _ready_store(self, partition: int) -> SeenStore:
+        store = self._stores.get(partition)
+        if store is None:
+            store = self._stores[partition] = SeenStore(self.store_dir / f"{self.raw_topic}-{partition}")
+            self._stale.add(partition)
+        if partition in self._stale:
+            try:
+                found = await asyncio.to_thread(self._catch_up, partition, store)
+            except KafkaException as exc:  # broker away: retried by the caller like a failed write
+                raise DeliveryFailed(f"can't read {self.raw_topic}[{partition}] to catch up: {exc}") from exc
+            self.counters.caught_up += found
+            self._stale.discard(partition)
+        return store
+
+    def _catch_up(self, partition: int, store: SeenStore) -> int:
+        """Bring the store up to the end of its raw partition; returns how many sightings it read."""
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": f"{self.raw_topic}.dedup-catch-up",  # never commits; assign() only
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            }
+        )
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(self.raw_topic, partition), timeout=30)
+            start = store.next_offset
+            if start is not None and start > high:
+                log.warning("dedup: %s[%d] ends before the store's offset %d: topics were recreated; resetting", self.raw_topic, partition, start)
+                store.reset()
+                start = None
+            if start is None or start < low:
+                since = int(time.time() * 1000) - self.window_ms - CATCH_UP_GRACE_MS
+                found = consumer.offsets_for_times([TopicPartition(self.raw_topic, partition, since)], timeout=30)
+                start = found[0].offset if found[0].offset >= 0 else high
+            sightings: dict[str, int] = {}
+            if start < high:
+                consumer.assign([TopicPartition(self.raw_topic, partition, start)])
+                at_end = False
+                while not at_end:
+                    for message in consumer.consume(num_messages=10_000, timeout=1.0):
+                        error = message.error()
+                        if error is None:
+                            sightings[message.key().decode()] = message.timestamp()[1]  # its stream time
+                            at_end = message.offset() + 1 >= high
+                        elif error.code() == KafkaError._PARTITION_EOF:
+                            at_end = True
+                        else:
+                            raise DeliveryFailed(f"can't read {self.raw_topic}[{partition}] to catch up: {error}")
+            stream_time = store.stream_time if store.next_offset is not None else max(sightings.values(), default=0)
+            store.remember(sightings, high, stream_time)
+            if sightings:
+                log.info("dedup: partition %d caught up %d sightings from %s", partition, len(sightings), self.raw_topic)
+            return len(sightings)
+        finally:
+            consumer.close()
+
+    def close(self) -> None:
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()

@@ -1,0 +1,203 @@
+"""The whole pipeline in one place: which stage reads which topic, writes which, keyed by what, with what state.
+
+Read this file first. `STAGES` is the graph as data (what `cdp topology` prints); `build()` wires the same
+edges into a Faust app for a worker, and `ingest_server()` builds the HTTP ingest. Only stages that work are
+wired; the other topics of the product are declared in topology/topics.py and created by `cdp topics`.
+
+    HTTP /v1/* ──▶ ingest ──▶ cdp.events.accepted ──▶ dedup ──▶ cdp.events.raw ──▶ (identity: next)
+                                                         └──▶ cdp.events.dead-letter
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faust
+
+from topology.codecs import AvroCodec, SchemaRepository
+from topology.config import Settings
+from topology.dedup_stage import DedupStage
+from topology.http import IngestServer
+from topology.producer import AsyncProducer, producer_config
+from topology.topics import ALL_TOPICS, EVENTS_ACCEPTED, EVENTS_DEAD_LETTER, EVENTS_RAW, TopicSpec
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage as a user sees it: where it runs, what it reads and writes, what state it keeps."""
+
+    name: str
+    runs_in: str
+    reads: tuple[str, ...]
+    writes: tuple[TopicSpec, ...]
+    state: tuple[str, ...] = ()
+    doc: str = ""
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec(
+        "ingest", "cdp ingest (HTTP, stateless; run N)", ("HTTP POST /v1/{track,identify,page,screen,group,alias,batch,import}",),
+        (EVENTS_ACCEPTED,), (),
+        "validates Segment calls, answers 200 after Kafka acks=all; key messageId",
+    ),
+    StageSpec(
+        "dedup", "cdp worker (Faust agent 'dedup')", (EVENTS_ACCEPTED.suffix,), (EVENTS_RAW, EVENTS_DEAD_LETTER),
+        ("seen-by-message-id: RocksDB per partition, changelog = events.raw",),
+        "first sighting of each messageId within ingest.dedup_window passes, to the same partition number",
+    ),
+)  # fmt: skip
+
+
+@dataclass
+class Codecs:
+    """One codec per topic, registered under `<topic>-value` when a schema registry is configured."""
+
+    settings: Settings
+    repository: SchemaRepository = field(default_factory=SchemaRepository.load)
+    _cache: dict[str, AvroCodec] = field(default_factory=dict)
+
+    def for_topic(self, spec: TopicSpec) -> AvroCodec:
+        name = spec.name(self.settings)
+        if name not in self._cache:
+            registry = schema_registry(self.settings.schema_registry_url)
+            self._cache[name] = AvroCodec(spec.schema, self.repository, registry=registry, subject=f"{name}-value")
+        return self._cache[name]
+
+
+def schema_registry(url: str | None) -> Any:
+    """A Schema Registry client for `url` (`mock://...` gives confluent-kafka's in-process mock), or None."""
+    if not url:
+        return None
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    return SchemaRegistryClient.new_client({"url": url})
+
+
+@dataclass
+class Graph:
+    """A wired worker: the Faust app and the stage objects behind its agents (for metrics and tests)."""
+
+    app: faust.App
+    dedup: DedupStage
+
+
+def worker_data_dir(settings: Settings) -> Path:
+    """Per worker, so several workers on one host don't share RocksDB files (keyed by the web port)."""
+    return settings.data_dir / f"worker-{settings.web_port}"
+
+
+def create_app(settings: Settings) -> faust.App:
+    """The Faust app with the settings every stage relies on (see docs/faust.md for the why of each)."""
+    return faust.App(
+        f"{settings.topics.prefix}-pipeline",
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="rocksdb://",
+        datadir=str(worker_data_dir(settings)),
+        topic_partitions=settings.topics.partitions,
+        topic_replication_factor=settings.topics.replication,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        processing_guarantee="at_least_once",
+        stream_wait_empty=True,
+        broker_commit_interval=1.0,
+        table_standby_replicas=1,
+        web_port=settings.web_port,
+        web_tables_enabled=False,
+        topic_allow_declare=False,  # topics come from `cdp topics`, with our partition counts
+        topic_disable_leader=True,  # no leader-only timers yet: no __assignor-__leader topic
+    )
+
+
+def build(settings: Settings) -> Graph:
+    """Wire every worker stage into a new Faust app."""
+    app = create_app(settings)
+    codecs = Codecs(settings)
+    producer = _LazyProducer(settings)
+    accepted = app.topic(
+        EVENTS_ACCEPTED.name(settings), key_type=bytes, value_type=bytes,
+        key_serializer="raw", value_serializer="raw", partitions=EVENTS_ACCEPTED.partition_count(settings),
+    )  # fmt: skip
+    dedup = DedupStage(
+        accepted_topic=EVENTS_ACCEPTED.name(settings),
+        raw_topic=EVENTS_RAW.name(settings),
+        dead_letter_topic=EVENTS_DEAD_LETTER.name(settings),
+        codec=codecs.for_topic(EVENTS_ACCEPTED),
+        dead_letter_codec=codecs.for_topic(EVENTS_DEAD_LETTER),
+        window_ms=settings.ingest.dedup_window_ms,
+        store_dir=worker_data_dir(settings) / "dedup",
+        bootstrap=settings.kafka_bootstrap,
+        producer=producer,
+    )
+    app.agent(accepted, name="dedup")(dedup.run)
+
+    @app.on_partitions_assigned.connect
+    async def _catch_up_on_assignment(sender: Any, assigned: Any, **kwargs: Any) -> None:
+        dedup.on_partitions_assigned({tp.partition for tp in assigned if tp.topic == accepted.get_topic_name()})
+
+    @app.page("/health")
+    async def _health(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok", "stages": [stage.name for stage in STAGES if "worker" in stage.runs_in]})
+
+    @app.page("/metrics")
+    async def _metrics(web: Any, request: Any) -> Any:
+        counters = dedup.counters
+        lines = [
+            "# TYPE cdp_dedup_events_total counter",
+            f'cdp_dedup_events_total{{outcome="passed"}} {counters.passed}',
+            f'cdp_dedup_events_total{{outcome="duplicate"}} {counters.duplicates}',
+            f'cdp_dedup_events_total{{outcome="dead_lettered"}} {counters.dead_lettered}',
+        ]
+        return web.text("\n".join(lines) + "\n")
+
+    return Graph(app=app, dedup=dedup)
+
+
+class _LazyProducer:
+    """The worker's confluent-kafka producer, created on first use: importing the app must not connect."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._producer: AsyncProducer | None = None
+
+    def __call__(self) -> AsyncProducer:
+        if self._producer is None:
+            config = producer_config(self._settings.kafka_bootstrap, self._settings.ingest.delivery_timeout_ms)
+            self._producer = AsyncProducer(config)
+        return self._producer
+
+
+def ingest_server(settings: Settings, producer: AsyncProducer) -> IngestServer:
+    """The HTTP ingest of this settings' pipeline, writing through `producer`."""
+    return IngestServer(
+        sources=settings.source_by_write_key(),
+        topic=EVENTS_ACCEPTED.name(settings),
+        codec=Codecs(settings).for_topic(EVENTS_ACCEPTED),
+        producer=producer,
+        max_in_flight=settings.ingest.max_in_flight,
+        retry_after_s=settings.ingest.retry_after_s,
+        request_timeout_s=settings.ingest.delivery_timeout_ms / 1000 + 5,
+    )
+
+
+def describe(settings: Settings) -> str:
+    """The graph as text: stages with their edges, then every topic with key, schema and partitions."""
+    lines = ["Stages:"]
+    for stage in STAGES:
+        lines.append(f"  {stage.name}  [{stage.runs_in}]")
+        lines.append(f"    {stage.doc}")
+        lines.extend(f"    reads   {source}" for source in (settings.topic_name(r) if "." in r and "/" not in r else r for r in stage.reads))
+        lines.extend(f"    writes  {spec.name(settings)}" for spec in stage.writes)
+        lines.extend(f"    state   {state}" for state in stage.state)
+    wired = {spec.suffix for stage in STAGES for spec in stage.writes} | {r for stage in STAGES for r in stage.reads}
+    lines.append("Topics:")
+    for spec in ALL_TOPICS:
+        shape = "compacted" if spec.compacted else "delete"
+        note = "" if spec.suffix in wired else "  (declared; its stage is not built yet)"
+        lines.append(
+            f"  {spec.name(settings):32} key={spec.key:22} value={spec.schema:28} "
+            f"partitions={spec.partition_count(settings)} {shape}{note}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""The HTTP ingest: Segment's Tracking API on aiohttp, writing accepted calls to cdp.events.accepted.
+
+Stateless, so run as many `cdp ingest` processes as the load needs. A request is answered 200 only after
+Kafka acknowledged every one of its events (acks=all); a request with any bad message is rejected whole (400,
+each problem named), so nothing of it enters the pipeline. Deduplication by messageId happens behind, in the
+dedup stage, because every copy of a messageId must meet in one place whichever ingest received it.
+
+Endpoints: POST /v1/{track,identify,page,screen,group,alias} (and analytics.js's short /v1/{t,i,p,s,g,a}),
+/v1/batch (/v1/b) and /v1/import; GET /health and /metrics. Auth: HTTP Basic with the write key as user name,
+or `writeKey` in the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from agents.errors import DeliveryFailed, InvalidMessage
+from agents.ingest.tracking import (
+    MAX_BATCH_BYTES,
+    MAX_EVENT_BYTES,
+    MessageProblem,
+    batch_to_raw_events,
+    to_raw_event,
+)
+from topology.codecs import AvroCodec
+from topology.producer import AsyncProducer, Record
+
+SINGLE_CALLS = {
+    "track": "track", "identify": "identify", "page": "page", "screen": "screen", "group": "group",
+    "alias": "alias", "t": "track", "i": "identify", "p": "page", "s": "screen", "g": "group", "a": "alias",
+}  # fmt: skip
+BATCH_CALLS = ("batch", "b", "import")
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding",
+    "Access-Control-Max-Age": "86400",
+}
+
+
+class Rejected(Exception):
+    """A request answered with an error status; carries the JSON body to send."""
+
+    def __init__(self, status: int, error: str, problems: list[MessageProblem] | None = None, retry_after: int | None = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.problems, self.retry_after = status, error, problems or [], retry_after
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {"success": False, "error": self.error}
+        if self.problems:
+            body["errors"] = [problem.as_json() for problem in self.problems]
+        headers = dict(CORS_HEADERS)
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return web.Response(status=self.status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+class IngestServer:
+    """The request handling; `app()` gives the aiohttp application."""
+
+    def __init__(
+        self,
+        *,
+        sources: Mapping[str, str],
+        topic: str,
+        codec: AvroCodec,
+        producer: AsyncProducer,
+        max_in_flight: int,
+        retry_after_s: int,
+        request_timeout_s: float,
+    ) -> None:
+        self.sources = dict(sources)
+        self.topic = topic
+        self.codec = codec
+        self.producer = producer
+        self.max_in_flight = max_in_flight
+        self.retry_after_s = retry_after_s
+        self.request_timeout_s = request_timeout_s
+        self.in_flight = 0
+        self.responses: Counter[int] = Counter()
+        self.events_accepted = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=2 * MAX_BATCH_BYTES)
+        app.router.add_post("/v1/{call}", self.handle)
+        app.router.add_route("OPTIONS", "/v1/{call}", self.preflight)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        return web.Response(status=204, headers=CORS_HEADERS)
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "in_flight": self.in_flight})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        lines = [
+            "# TYPE cdp_ingest_events_accepted_total counter",
+            f"cdp_ingest_events_accepted_total {self.events_accepted}",
+            "# TYPE cdp_ingest_events_in_flight gauge",
+            f"cdp_ingest_events_in_flight {self.in_flight}",
+            "# TYPE cdp_ingest_responses_total counter",
+            *(f'cdp_ingest_responses_total{{status="{status}"}} {n}' for status, n in sorted(self.responses.items())),
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def handle(self, request: web.Request) -> web.Response:
+        call = request.match_info["call"]
+        try:
+            if call not in SINGLE_CALLS and call not in BATCH_CALLS:
+                raise Rejected(404, f"unknown endpoint /v1/{call}")
+            response = await self._accept(request, call)
+        except Rejected as rejected:
+            response = rejected.response()
+        self.responses[response.status] += 1
+        return response
+
+    async def _accept(self, request: web.Request, call: str) -> web.Response:
+        received_at = int(time.time() * 1000)
+        is_batch = call in BATCH_CALLS
+        body = await self._read_json(request, MAX_BATCH_BYTES if is_batch else MAX_EVENT_BYTES)
+        source = self._authenticate(request, body)
+        if is_batch:
+            events, problems = batch_to_raw_events(body, source=source, received_at=received_at)
+            if problems:
+                raise Rejected(400, "invalid batch: nothing was accepted", problems)
+        else:
+            try:
+                events = [to_raw_event(body, call_type=SINGLE_CALLS[call], source=source, received_at=received_at)]
+            except InvalidMessage as exc:
+                raise Rejected(400, f"invalid {SINGLE_CALLS[call]} call", [MessageProblem(0, exc.field, exc.reason)]) from None
+        if self.in_flight + len(events) > self.max_in_flight:
+            raise Rejected(429, "too many events waiting for Kafka; retry later", retry_after=self.retry_after_s)
+        records = [Record(self.topic, event["message_id"].encode(), self.codec.encode(event)) for event in events]
+        self.in_flight += len(records)
+        try:
+            await asyncio.wait_for(self.producer.write_all(records), self.request_timeout_s)
+        except (DeliveryFailed, asyncio.TimeoutError) as exc:
+            raise Rejected(503, f"Kafka did not acknowledge the events; retry: {exc}", retry_after=self.retry_after_s) from None
+        finally:
+            self.in_flight -= len(records)
+        self.events_accepted += len(records)
+        return web.Response(body=b'{"success":true}', content_type="application/json", headers=CORS_HEADERS)
+
+    async def _read_json(self, request: web.Request, limit: int) -> Any:
+        """The parsed body; aiohttp inflates gzip bodies itself and stops reading at `client_max_size`."""
+        if request.content_length is not None and request.content_length > limit:
+            raise Rejected(400, f"request body is {request.content_length} bytes; the limit is {limit} bytes")
+        try:
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise Rejected(400, f"request body is over the limit of {limit} bytes") from None
+        if len(data) > limit:
+            raise Rejected(400, f"request body is {len(data)} bytes; the limit is {limit} bytes")
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise Rejected(400, "request body is not valid JSON", [MessageProblem(None, "body", str(exc))]) from None
+
+    def _authenticate(self, request: web.Request, body: Any) -> str:
+        """The source name of the request's write key: HTTP Basic user name first, then body.writeKey."""
+        key = _basic_user(request.headers.get("Authorization", ""))
+        if key is None and isinstance(body, dict) and isinstance(body.get("writeKey"), str):
+            key = body["writeKey"]
+        if not key:
+            raise Rejected(401, "no write key: send it as the HTTP Basic user name or as writeKey in the body")
+        source = self.sources.get(key)
+        if source is None:
+            raise Rejected(401, "unknown write key")
+        return source
+
+
+def _basic_user(header: str) -> str | None:
+    if not header.lower().startswith("basic "):
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return decoded.split(":", 1)[0] or None

@@ -1,0 +1,32 @@
+"""`cdp ingest`: serve the HTTP ingest until SIGTERM/SIGINT, then flush what Kafka has not acknowledged yet."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from topology.config import Settings
+from topology.graph import ingest_server
+from topology.producer import AsyncProducer, producer_config
+
+
+def serve(settings: Settings) -> None:
+    """Blocks; one process, one event loop, one Kafka producer."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # uvloop is a speed-up, not a requirement
+        pass
+    producer = AsyncProducer(producer_config(settings.kafka_bootstrap, settings.ingest.delivery_timeout_ms))
+    app = ingest_server(settings, producer).app()
+
+    async def close_producer(app: web.Application) -> None:
+        await asyncio.to_thread(producer.close, 30.0)
+
+    app.on_cleanup.append(close_producer)
+    logging.getLogger(__name__).info("ingest listening on :%d", settings.ingest_port)
+    web.run_app(app, port=settings.ingest_port, reuse_port=True, access_log=None, print=None)
