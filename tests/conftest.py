@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO_ROOT, Pipeline, free_port
+from tests.support import REPO_ROOT, Pipeline, free_ports
 
 
 def runtime_dir() -> Path:
@@ -29,7 +29,8 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             pytest.fail(f"CDP_KAFKA_BOOTSTRAP={external} is set but no Kafka answers there")
         yield external
         return
-    broker = LocalKafka(data_dir=tmp_path_factory.mktemp("kafka"), runtime_dir=runtime_dir(), port=free_port(), controller_port=free_port())
+    port, controller_port = free_ports(2)
+    broker = LocalKafka(data_dir=tmp_path_factory.mktemp("kafka"), runtime_dir=runtime_dir(), port=port, controller_port=controller_port)
     started = broker.start()
     print(f"\nkafka: local broker {started.bootstrap} up in {started.seconds:.1f}s")
     try:

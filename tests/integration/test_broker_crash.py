@@ -10,13 +10,14 @@ import uuid
 import requests
 
 from tests.conftest import runtime_dir
-from tests.support import WRITE_KEY, Pipeline, free_port
+from tests.support import WRITE_KEY, Pipeline, free_ports
 
 
 def test_every_acknowledged_request_survives_a_broker_crash(tmp_path) -> None:
     from topology.kafka_local import LocalKafka
 
-    broker = LocalKafka(data_dir=tmp_path / "kafka", runtime_dir=runtime_dir(), port=free_port(), controller_port=free_port())
+    port, controller_port = free_ports(2)
+    broker = LocalKafka(data_dir=tmp_path / "kafka", runtime_dir=runtime_dir(), port=port, controller_port=controller_port)
     broker.start()
     pipe = Pipeline(bootstrap=broker.bootstrap, root=tmp_path / "pipe", partitions=2)
     try:

@@ -10,7 +10,6 @@ The jars are cached in CDP_KAFKA_RUNTIME_DIR (default <repo>/.cache/kafka-runtim
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 import uuid
@@ -22,24 +21,13 @@ from confluent_kafka import Consumer, KafkaError, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from agents.errors import LocalKafkaError
+from tests.conftest import runtime_dir
+from tests.support import free_ports
 from topology.kafka_local import LocalKafka, Started, is_reachable, wait_for_metadata
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-RUNTIME_DIR = Path(os.environ.get("CDP_KAFKA_RUNTIME_DIR") or REPO / ".cache" / "kafka-runtime")
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports the kernel just handed out; all held open together so they are distinct."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+RUNTIME_DIR = runtime_dir()
 
 
 @pytest.fixture(scope="module")
