@@ -103,7 +103,7 @@ class Pipeline:
         )  # fmt: skip
         self.processes.append(process)
         port = int(env.get("CDP_WEB_PORT", self.web_port)) if command == "worker" else int(env.get("CDP_INGEST_PORT", self.ingest_port))
-        wait_until(lambda: _healthy(port) or process.poll() is not None, timeout=90, what=f"{command} /health")
+        wait_until(lambda: healthy(port) or process.poll() is not None, timeout=90, what=f"{command} /health")
         if process.poll() is not None:
             raise AssertionError(f"cdp {command} exited with {process.returncode}:\n{self.log_tail(command)}")
         return process
@@ -134,7 +134,7 @@ class Pipeline:
         return read_topic(self.bootstrap, self.topic(suffix), until=until, timeout=timeout, decode=decode)
 
 
-def _healthy(port: int) -> bool:
+def healthy(port: int) -> bool:
     try:
         return requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
     except requests.RequestException:

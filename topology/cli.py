@@ -76,9 +76,6 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.web_port is not None:
         settings = replace(settings, web_port=args.web_port)
-    from topology.graph import worker_data_dir
-
-    worker_data_dir(settings).mkdir(parents=True, exist_ok=True)
     graph = build(settings)
     worker = faust.Worker(graph.app, loglevel=args.loglevel)
     worker.execute_from_commandline()  # returns only by exiting the process
@@ -151,10 +148,14 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    from bench.ingest import run_ingest_bench
+    if args.stage == "ingest":
+        from bench.ingest import run_ingest_bench
 
-    report = run_ingest_bench(settings, events=args.events, batch_size=args.batch_size, out=args.out)
-    print(report)
+        print(run_ingest_bench(settings, events=args.events, batch_size=args.batch_size, out=args.out))
+    else:
+        from bench.dedup import run_dedup_bench
+
+        print(run_dedup_bench(settings, events=args.events, out=args.out))
     return 0
 
 
@@ -179,7 +180,7 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--concurrency", type=int, default=8)
     generate.add_argument("--rate", type=float, default=0, help="events/s to aim for (0: as fast as possible)")
     bench = sub.add_parser("bench", help="benchmarks; figures as JSON")
-    bench.add_argument("stage", choices=["ingest"])
+    bench.add_argument("stage", choices=["ingest", "dedup"])
     bench.add_argument("--events", type=int, default=200_000)
     bench.add_argument("--batch-size", type=int, default=100)
     bench.add_argument("--out", type=Path, help="write the JSON report here too")

@@ -100,9 +100,11 @@ class DedupStage:
                 return
             except DeliveryFailed as exc:
                 log.warning("dedup: partition %d: %s; retrying in %.1fs", partition, exc, backoff)
-                self._stale.add(partition)  # some outputs may have landed: find them before deciding again
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            except Exception:  # a bug must stall the partition visibly, not let Faust ack the batch away
+                log.exception("dedup: partition %d: batch failed; retrying in %.1fs", partition, backoff)
+            self._stale.add(partition)  # some outputs may have landed: find them before deciding again
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _process(self, partition: int, events: Sequence[Any]) -> None:
         store = await self._ready_store(partition)

@@ -89,7 +89,8 @@ def worker_data_dir(settings: Settings) -> Path:
 
 
 def create_app(settings: Settings) -> faust.App:
-    """The Faust app with the settings every stage relies on (see docs/faust.md for the why of each)."""
+    """The Faust app with the settings every stage relies on (docs/design.md says why for each)."""
+    worker_data_dir(settings).mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     return faust.App(
         f"{settings.topics.prefix}-pipeline",
         broker=f"kafka://{settings.kafka_bootstrap}",

@@ -52,3 +52,23 @@ def test_kafka_status_and_errors_are_one_clear_line(kafka_bootstrap: str, tmp_pa
     assert status.returncode == 1 and "not running" in status.stdout
     remote = cdp(pipe, "kafka", "start", CDP_KAFKA_BOOTSTRAP="kafka.example.com:9092")
     assert remote.returncode == 2 and "not a local address" in remote.stderr and "Traceback" not in remote.stderr
+
+
+def test_faust_cli_runs_the_same_app(pipeline: Pipeline) -> None:
+    """`faust -A topology.app worker` keeps working: it runs the wired dedup agent like `cdp worker`."""
+    import uuid
+
+    from tests.support import healthy, wait_until
+
+    faust = subprocess.Popen(
+        [sys.executable, "-m", "faust", "-A", "topology.app", "worker", "-l", "warn", "--web-port", str(pipeline.web_port)],
+        env=pipeline.env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    pipeline.processes.append(faust)
+    pipeline.start("ingest")
+    wait_until(lambda: healthy(pipeline.web_port) or faust.poll() is not None, timeout=90, what="faust worker /health")
+    assert faust.poll() is None
+    message_id = f"faust-cli-{uuid.uuid4().hex[:8]}"
+    assert pipeline.post("/v1/track", {"userId": "u", "event": "e", "messageId": message_id}).status_code == 200
+    records = pipeline.read("events.raw", until=lambda rs: any(r.key.decode() == message_id for r in rs), decode=False)
+    assert [r.key.decode() for r in records] == [message_id]

@@ -1,0 +1,121 @@
+"""What every benchmark shares: where it ran (machine, commit), a broker, scratch settings, CPU accounting."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from topology.admin import ensure_topics
+from topology.config import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WRITE_KEY = "wk_bench"
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
+    mem_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1), "python": platform.python_version()}
+
+
+def commit() -> str:
+    try:
+        run = lambda *args: subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+        return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                return
+        except requests.RequestException:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A scratch pipeline for one benchmark run: its settings, environment for child processes, scratch dir."""
+
+    settings: Settings
+    env: dict[str, str]
+    scratch: Path
+    local_broker: bool
+
+    def header(self, name: str) -> dict[str, Any]:
+        return {
+            "benchmark": name,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "commit": commit(),
+            "machine": machine(),
+            "kafka": {"bootstrap": "local single node" if self.local_broker else self.settings.kafka_bootstrap,
+                      "partitions": self.settings.topics.partitions},
+        }  # fmt: skip
+
+
+@contextmanager
+def bench_pipeline(settings: Settings) -> Iterator[Bench]:
+    """Fresh topics under a unique prefix, on the configured Kafka or on a temporary local broker."""
+    from topology.kafka_local import LocalKafka, is_reachable
+
+    with tempfile.TemporaryDirectory(prefix="cdp-bench-") as tmp:
+        scratch = Path(tmp)
+        broker = None
+        if not is_reachable(settings.kafka_bootstrap):
+            runtime = Path(os.environ.get("CDP_KAFKA_RUNTIME_DIR") or REPO_ROOT / ".cache" / "kafka-runtime")
+            broker = LocalKafka(data_dir=scratch / "kafka", runtime_dir=runtime, port=free_port(), controller_port=free_port())
+            broker.start()
+            settings = replace(settings, kafka_bootstrap=broker.bootstrap)
+        try:
+            prefix = f"bench{uuid.uuid4().hex[:6]}"
+            settings = replace(settings, topics=replace(settings.topics, prefix=prefix), ingest_port=free_port(), web_port=free_port())
+            config = scratch / "bench.yaml"
+            config.write_text(json.dumps({"sources": [{"name": "bench", "write_key": WRITE_KEY}],
+                                          "topics": {"prefix": prefix, "partitions": settings.topics.partitions}}))  # fmt: skip
+            ensure_topics(settings)
+            env = {**os.environ, "CDP_CONFIG": str(config), "CDP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+                   "CDP_INGEST_PORT": str(settings.ingest_port), "CDP_WEB_PORT": str(settings.web_port),
+                   "CDP_DATA_DIR": str(scratch / "data")}  # fmt: skip
+            yield Bench(settings=settings, env=env, scratch=scratch, local_broker=broker is not None)
+        finally:
+            if broker is not None:
+                broker.stop()
+
+
+def write_report(report: dict[str, Any], out: Path | None) -> str:
+    text = json.dumps(report, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    return text
