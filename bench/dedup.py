@@ -59,9 +59,8 @@ def end_offsets(settings: Settings, topic: str) -> int:
 def floor(settings: Settings, events: int) -> dict[str, Any]:
     """Consume every input record and produce its bytes to a floor topic, same partition, acks=all."""
     target = f"{settings.topics.prefix}.bench.floor"
-    AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).create_topics(
-        [NewTopic(target, settings.topics.partitions, 1)]
-    )[target].result()
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})  # must outlive the future
+    admin.create_topics([NewTopic(target, settings.topics.partitions, 1)])[target].result()
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{target}.floor",
                          "auto.offset.reset": "earliest", "enable.auto.commit": True})  # fmt: skip
     producer = Producer(producer_config(settings.kafka_bootstrap, 60_000))

@@ -83,13 +83,13 @@ class DedupStage:
         self._stale |= partitions
 
     async def run(self, stream: AsyncIterable[Any]) -> None:
-        """The Faust agent body: batches of events, processed partition by partition in offset order."""
+        """The Faust agent body: batches of events, each partition's share in offset order."""
         async for events in stream.take_events(self.batch_size, within=self.batch_within):  # type: ignore[attr-defined]
             by_partition: dict[int, list[Any]] = defaultdict(list)
             for event in events:
                 by_partition[event.message.partition].append(event)
-            for partition, batch in by_partition.items():
-                await self._process_until_written(partition, batch)
+            # Partitions are independent (own store, own raw partition): wait for their acks side by side.
+            await asyncio.gather(*(self._process_until_written(p, batch) for p, batch in by_partition.items()))
 
     async def _process_until_written(self, partition: int, events: Sequence[Any]) -> None:
         """Retry a batch until Kafka takes it: giving up would commit past inputs whose outputs were lost."""

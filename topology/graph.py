@@ -30,7 +30,7 @@ class StageSpec:
 
     name: str
     runs_in: str
-    reads: tuple[str, ...]
+    reads: tuple[TopicSpec | str, ...]  # a str is an outside source, e.g. HTTP
     writes: tuple[TopicSpec, ...]
     state: tuple[str, ...] = ()
     doc: str = ""
@@ -43,7 +43,7 @@ STAGES: tuple[StageSpec, ...] = (
         "validates Segment calls, answers 200 after Kafka acks=all; key messageId",
     ),
     StageSpec(
-        "dedup", "cdp worker (Faust agent 'dedup')", (EVENTS_ACCEPTED.suffix,), (EVENTS_RAW, EVENTS_DEAD_LETTER),
+        "dedup", "cdp worker (Faust agent 'dedup')", (EVENTS_ACCEPTED,), (EVENTS_RAW, EVENTS_DEAD_LETTER),
         ("seen-by-message-id: RocksDB per partition, changelog = events.raw",),
         "first sighting of each messageId within ingest.dedup_window passes, to the same partition number",
     ),
@@ -189,16 +189,20 @@ def describe(settings: Settings) -> str:
     for stage in STAGES:
         lines.append(f"  {stage.name}  [{stage.runs_in}]")
         lines.append(f"    {stage.doc}")
-        lines.extend(f"    reads   {source}" for source in (settings.topic_name(r) if "." in r and "/" not in r else r for r in stage.reads))
+        lines.extend(f"    reads   {_named(source, settings)}" for source in stage.reads)
         lines.extend(f"    writes  {spec.name(settings)}" for spec in stage.writes)
         lines.extend(f"    state   {state}" for state in stage.state)
-    wired = {spec.suffix for stage in STAGES for spec in stage.writes} | {r for stage in STAGES for r in stage.reads}
+    wired = {spec for stage in STAGES for spec in (*stage.reads, *stage.writes) if isinstance(spec, TopicSpec)}
     lines.append("Topics:")
     for spec in ALL_TOPICS:
         shape = "compacted" if spec.compacted else "delete"
-        note = "" if spec.suffix in wired else "  (declared; its stage is not built yet)"
+        note = "" if spec in wired else "  (declared; its stage is not built yet)"
         lines.append(
             f"  {spec.name(settings):32} key={spec.key:22} value={spec.schema:28} "
             f"partitions={spec.partition_count(settings)} {shape}{note}"
         )
     return "\n".join(lines)
+
+
+def _named(source: TopicSpec | str, settings: Settings) -> str:
+    return source.name(settings) if isinstance(source, TopicSpec) else source
