@@ -104,6 +104,7 @@ def create_app(settings: Settings) -> faust.App:
         processing_guarantee="at_least_once",
         stream_wait_empty=True,
         broker_commit_interval=1.0,
+        broker_session_timeout=15.0,  # a dead worker's partitions move after 15 s, not Faust's 60 s
         table_standby_replicas=1,
         web_port=settings.web_port,
         web_tables_enabled=False,

@@ -9,7 +9,9 @@ from collections import Counter
 
 from confluent_kafka import Producer
 
-from tests.support import Pipeline
+import requests
+
+from tests.support import Pipeline, free_port
 
 
 def raw_ids(pipeline: Pipeline, until_ids: set[str], timeout: float = 90) -> Counter[str]:
@@ -88,3 +90,28 @@ def test_undecodable_bytes_go_to_the_dead_letter_topic_and_the_stage_goes_on(pip
     assert junk["value"] == garbage and junk["stage"] == "dedup" and junk["error"] == "UndecodableError"
     assert pipeline.topic("events.accepted") in junk["reason"] and "7b" in junk["reason"].lower()
     assert by_key[f"junk2-{run}"]["error"] == "UndecodableError"
+
+
+def test_partitions_moving_between_two_workers_lose_and_duplicate_nothing(pipeline: Pipeline) -> None:
+    """A second worker joins mid-stream (partitions move to it), then the first is SIGKILLed (they all move
+    back): each worker catches up from cdp.events.raw before deciding, so every messageId passes exactly once."""
+    run = uuid.uuid4().hex[:8]
+    ids = [f"r-{run}-{n}" for n in range(2_400)]
+    second_port = free_port()
+    pipeline.start("ingest")
+    first = pipeline.start("worker")
+    second = None
+    for n, start in enumerate(range(0, len(ids), 200)):
+        chunk = ids[start : start + 200] + ids[max(0, start - 200) : start]  # every id again one request later
+        body = {"batch": [{"type": "track", "userId": "u", "event": "e", "messageId": m} for m in chunk]}
+        assert pipeline.post("/v1/batch", body).status_code == 200
+        if n == 3:
+            second = pipeline.start("worker", CDP_WEB_PORT=str(second_port))
+        if n == 8:
+            pipeline.stop(first, signal.SIGKILL)
+    assert second is not None and second.poll() is None
+    seen = raw_ids(pipeline, set(ids), timeout=120)
+    assert set(seen) == set(ids), f"lost: {sorted(set(ids) - set(seen))[:5]}"
+    assert max(seen.values()) == 1, f"written twice: {[m for m, n in seen.items() if n > 1][:5]}"
+    metrics = requests.get(f"http://127.0.0.1:{second_port}/metrics", timeout=10).text
+    assert 'cdp_dedup_events_total{outcome="passed"} 0\n' not in metrics, "the second worker got partitions"
