@@ -20,7 +20,8 @@ from typing import Any
 
 import requests
 import yaml
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from topology.admin import ensure_topics
 from topology.codecs import AvroCodec, SchemaRepository
@@ -128,6 +129,30 @@ class Pipeline:
     def post(self, path: str, body: Any, *, write_key: str | None = WRITE_KEY, **kwargs: Any) -> requests.Response:
         auth = (write_key, "") if write_key is not None else None
         return requests.post(f"{self.url}{path}", json=body, auth=auth, timeout=90, **kwargs)
+
+    def wait_processed(self, timeout: float = 120) -> None:
+        """Until the worker group has committed every offset of cdp.events.accepted: all input is decided, so
+        anything a restarted worker would write twice is on the output by now."""
+        group = f"{self.prefix}-pipeline"
+        topic = self.topic("events.accepted")
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group, "enable.auto.commit": False})
+        try:
+            partitions = [TopicPartition(topic, p) for p in range(self.partitions)]
+            ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions}
+
+            def committed() -> dict[int, int]:
+                request = [ConsumerGroupTopicPartitions(group, partitions)]
+                result = admin.list_consumer_group_offsets(request)[group].result()
+                return {tp.partition: tp.offset for tp in result.topic_partitions}
+
+            def done() -> bool:
+                offsets = committed()
+                return all(end == 0 or offsets.get(p, -1) >= end for p, end in ends.items())
+
+            wait_until(done, timeout=timeout, what=f"group {group} to commit {ends}", interval=0.5)
+        finally:
+            consumer.close()
 
     def read(self, suffix: str, *, until: Callable[[list[Any]], bool], timeout: float = 60, decode: bool = True) -> list[Any]:
         """Every record of a topic from the beginning, read until `until(records)` holds or `timeout` passes."""

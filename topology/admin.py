@@ -13,6 +13,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from agents.errors import ConfigError
 from topology.config import Settings
+from topology.dedup_stage import CATCH_UP_GRACE_MS
 from topology.topics import ALL_TOPICS, TopicSpec
 
 
@@ -27,16 +28,18 @@ class TopicReport:
 
 
 def topic_config(spec: TopicSpec, settings: Settings) -> dict[str, str]:
+    """acks=all means "on min.insync.replicas copies": with replication 3, a 200 rests on at least 2."""
+    durability = {"min.insync.replicas": str(min(2, settings.topics.replication))}
     if spec.compacted:
-        return {"cleanup.policy": "compact"}
-    return {"cleanup.policy": "delete", "retention.ms": str(settings.topics.retention_ms)}
+        return {"cleanup.policy": "compact", **durability}
+    return {"cleanup.policy": "delete", "retention.ms": str(settings.topics.retention_ms), **durability}
 
 
 def ensure_topics(settings: Settings, specs: tuple[TopicSpec, ...] = ALL_TOPICS, timeout: float = 30.0) -> list[TopicReport]:
     """Create what is missing, check what exists; raises ConfigError if the cluster can't be reached."""
-    if settings.topics.retention_ms < settings.ingest.dedup_window_ms:
+    if settings.topics.retention_ms < settings.ingest.dedup_window_ms + CATCH_UP_GRACE_MS:
         raise ConfigError(
-            "topics.retention must be at least ingest.dedup_window: the dedup stage rebuilds its memory "
+            "topics.retention must be at least ingest.dedup_window + 1h: the dedup stage rebuilds its memory "
             "from cdp.events.raw, so raw events must outlive the window"
         )
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})

@@ -46,7 +46,7 @@ class IngestSettings:
 
     dedup_window_ms: int = DAY_MS
     max_in_flight: int = 20_000
-    delivery_timeout_ms: int = 60_000
+    delivery_timeout_ms: int = 10_000  # under the SDKs' own request timeouts (analytics-node 10 s, python 15 s)
     retry_after_s: int = 1
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ from topology.producer import AsyncProducer, Record
 from topology.seen_store import SeenStore
 
 log = logging.getLogger(__name__)
-CATCH_UP_GRACE_MS = 3_600_000  # a store rebuilt from scratch reads raw from (now - window - this)
+CATCH_UP_GRACE_MS = 3_600_000  # a store rebuilt from scratch reads this much more than a window of raw
+CATCH_UP_CHUNK = 50_000  # sightings per RocksDB write while catching up
 MAX_BACKOFF_S = 5.0
 
 
@@ -82,6 +82,10 @@ class DedupStage:
         """Another worker may have written to raw while we did not own these: catch up before the next batch."""
         self._stale |= partitions
 
+    def on_partitions_revoked(self, partitions: set[int]) -> None:
+        """Whoever gets these next may write to raw: if they come back, catch up first."""
+        self._stale |= partitions
+
     async def run(self, stream: AsyncIterable[Any]) -> None:
         """The Faust agent body: batches of events, each partition's share in offset order."""
         async for events in stream.take_events(self.batch_size, within=self.batch_within):  # type: ignore[attr-defined]
@@ -92,7 +96,7 @@ class DedupStage:
             await asyncio.gather(*(self._process_until_written(p, batch) for p, batch in by_partition.items()))
 
     async def _process_until_written(self, partition: int, events: Sequence[Any]) -> None:
-        """Retry a batch until Kafka takes it: giving up would commit past inputs whose outputs were lost."""
+        """Retry a batch until Kafka takes it: giving up would let Faust commit inputs whose outputs were lost."""
         backoff = 0.1
         while True:
             try:
@@ -108,12 +112,12 @@ class DedupStage:
 
     async def _process(self, partition: int, events: Sequence[Any]) -> None:
         store = await self._ready_store(partition)
-        decoded: list[tuple[RawEvent, bytes]] = []
-        records: list[Record] = []
         applied = store.next_input
         events = [event for event in events if event.message.offset >= applied]  # re-read after a crash: done
         if not events:
             return
+        decoded: list[tuple[RawEvent, bytes]] = []
+        records: list[Record] = []
         for event in events:
             message = event.message
             try:
@@ -124,15 +128,17 @@ class DedupStage:
                     offset=message.offset, key=message.key, value=message.value,
                 )  # fmt: skip
                 records.append(Record(self.dead_letter_topic, message.key, self.dead_letter_codec.encode(letter)))
-        original = {id(raw): value for raw, value in decoded}
         out = first_sightings([raw for raw, _ in decoded], store, self.window_ms, store.stream_time)
-        records.extend(
-            Record(self.raw_topic, raw["message_id"].encode(), original[id(raw)], partition, stream_time)
-            for raw, stream_time in out.passed
-        )
+        for index, stream_time in out.passed:
+            raw, value = decoded[index]  # forward the accepted bytes as they are: no re-encoding
+            records.append(Record(self.raw_topic, raw["message_id"].encode(), value, partition, stream_time))
         written = await self._producer().write_all(records)
         raw_offsets = [w.offset for w in written if w.topic == self.raw_topic]
-        next_offset = max(raw_offsets) + 1 if raw_offsets else store.next_offset or 0
+        if raw_offsets and min(raw_offsets) != store.next_offset:
+            # Another writer got to raw[p] since our catch-up (an owner cut off by a rebalance): our memory misses
+            # its records. Catch up and decide again; what we just wrote is then found and not written twice.
+            raise DeliveryFailed(f"{self.raw_topic}[{partition}] moved from {store.next_offset} to {min(raw_offsets)} under us")
+        next_offset = max(raw_offsets) + 1 if raw_offsets else store.next_offset
         store.remember(out.remember, next_offset, out.stream_time, events[-1].message.offset + 1)
         store.forget_before(out.stream_time - self.window_ms)
         self.counters.passed += len(out.passed)
@@ -147,7 +153,7 @@ class DedupStage:
         if partition in self._stale:
             try:
                 found = await asyncio.to_thread(self._catch_up, partition, store)
-            except KafkaException as exc:  # broker away: retried by the caller like a failed write
+            except KafkaException as exc:  # broker away: retried by the caller, like a write Kafka refused
                 raise DeliveryFailed(f"can't read {self.raw_topic}[{partition}] to catch up: {exc}") from exc
             self.counters.caught_up += found
             self._stale.discard(partition)
@@ -165,36 +171,65 @@ class DedupStage:
         )
         try:
             low, high = consumer.get_watermark_offsets(TopicPartition(self.raw_topic, partition), timeout=30)
-            start = store.next_offset
-            if start is not None and start > high:
-                log.warning("dedup: %s[%d] ends before the store's offset %d: topics were recreated; resetting", self.raw_topic, partition, start)
+            _, accepted_high = consumer.get_watermark_offsets(TopicPartition(self.accepted_topic, partition), timeout=30)
+            if (store.next_offset or 0) > high or store.next_input > accepted_high:
+                log.warning("dedup: %s[%d] or its input is shorter than the store remembers: topics were recreated; "
+                            "resetting the store", self.raw_topic, partition)  # fmt: skip
                 store.reset()
-                start = None
+            start = store.next_offset
             if start is None or start < low:
-                since = int(time.time() * 1000) - self.window_ms - CATCH_UP_GRACE_MS
-                found = consumer.offsets_for_times([TopicPartition(self.raw_topic, partition, since)], timeout=30)
-                start = found[0].offset if found[0].offset >= 0 else high
-            sightings: dict[str, int] = {}
-            if start < high:
-                consumer.assign([TopicPartition(self.raw_topic, partition, start)])
-                at_end = False
-                while not at_end:
-                    for message in consumer.consume(num_messages=10_000, timeout=1.0):
-                        error = message.error()
-                        if error is None:
-                            sightings[message.key().decode()] = message.timestamp()[1]  # its stream time
-                            at_end = message.offset() + 1 >= high
-                        elif error.code() == KafkaError._PARTITION_EOF:
-                            at_end = True
-                        else:
-                            raise DeliveryFailed(f"can't read {self.raw_topic}[{partition}] to catch up: {error}")
-            stream_time = store.stream_time if store.next_offset is not None else max(sightings.values(), default=0)
-            store.remember(sightings, high, stream_time)
-            if sightings:
-                log.info("dedup: partition %d caught up %d sightings from %s", partition, len(sightings), self.raw_topic)
-            return len(sightings)
+                start = self._rebuild_start(consumer, partition, low, high)
+            found = self._read_sightings(consumer, partition, start, high, store)
+            if found:
+                log.info("dedup: partition %d caught up %d sightings from %s", partition, found, self.raw_topic)
+            return found
         finally:
             consumer.close()
+
+    def _rebuild_start(self, consumer: Consumer, partition: int, low: int, high: int) -> int:
+        """Where a store without history starts reading: one window (plus grace) of stream time before raw's end.
+
+        Stream time, not the wall clock: a worker working through a backlog decides at the backlog's time.
+        """
+        if high <= low:
+            return high
+        consumer.assign([TopicPartition(self.raw_topic, partition, high - 1)])
+        last = next((m for m in consumer.consume(num_messages=1, timeout=10.0) if m.error() is None), None)
+        if last is None:
+            return low
+        since = last.timestamp()[1] - self.window_ms - CATCH_UP_GRACE_MS
+        found = consumer.offsets_for_times([TopicPartition(self.raw_topic, partition, max(since, 0))], timeout=30)
+        return found[0].offset if found[0].offset >= 0 else low
+
+    def _read_sightings(self, consumer: Consumer, partition: int, start: int, high: int, store: SeenStore) -> int:
+        """Read raw[partition] from `start` to `high` into the store, in chunks so memory stays flat."""
+        fresh = store.next_offset is None
+        found = 0
+        position = start
+        chunk: dict[str, int] = {}
+        if start < high:
+            consumer.assign([TopicPartition(self.raw_topic, partition, start)])
+        while position < high:
+            messages = consumer.consume(num_messages=10_000, timeout=1.0)
+            for message in messages:
+                error = message.error()
+                if error is None:
+                    chunk[message.key().decode()] = message.timestamp()[1]  # the stream time it passed at
+                    position = message.offset() + 1
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    position = high
+                else:
+                    raise KafkaException(error)
+            if len(chunk) >= CATCH_UP_CHUNK or position >= high:
+                # A store that existed keeps its own stream time: the re-read inputs then get the same decisions
+                # as before the crash. A new store takes the newest time it has seen.
+                stream_time = max(chunk.values(), default=0) if fresh else store.stream_time
+                store.remember(chunk, min(position, high), stream_time)
+                found += len(chunk)
+                chunk = {}
+        if store.next_offset is None:
+            store.remember({}, high, 0)
+        return found
 
     def close(self) -> None:
         for store in self._stores.values():

@@ -94,7 +94,6 @@ def create_app(settings: Settings) -> faust.App:
     return faust.App(
         f"{settings.topics.prefix}-pipeline",
         broker=f"kafka://{settings.kafka_bootstrap}",
-        store="rocksdb://",
         datadir=str(worker_data_dir(settings)),
         topic_partitions=settings.topics.partitions,
         topic_replication_factor=settings.topics.replication,
@@ -105,7 +104,6 @@ def create_app(settings: Settings) -> faust.App:
         stream_wait_empty=True,
         broker_commit_interval=1.0,
         broker_session_timeout=15.0,  # a dead worker's partitions move after 15 s, not Faust's 60 s
-        table_standby_replicas=1,
         web_port=settings.web_port,
         web_tables_enabled=False,
         topic_allow_declare=False,  # topics come from `cdp topics`, with our partition counts
@@ -135,9 +133,16 @@ def build(settings: Settings) -> Graph:
     )
     app.agent(accepted, name="dedup")(dedup.run)
 
+    def partitions(tps: Any) -> set[int]:
+        return {tp.partition for tp in tps if tp.topic == accepted.get_topic_name()}
+
+    @app.on_partitions_revoked.connect
+    async def _stop_writing_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        dedup.on_partitions_revoked(partitions(revoked))
+
     @app.on_partitions_assigned.connect
     async def _catch_up_on_assignment(sender: Any, assigned: Any, **kwargs: Any) -> None:
-        dedup.on_partitions_assigned({tp.partition for tp in assigned if tp.topic == accepted.get_topic_name()})
+        dedup.on_partitions_assigned(partitions(assigned))
 
     @app.page("/health")
     async def _health(web: Any, request: Any) -> Any:
@@ -151,6 +156,8 @@ def build(settings: Settings) -> Graph:
             f'cdp_dedup_events_total{{outcome="passed"}} {counters.passed}',
             f'cdp_dedup_events_total{{outcome="duplicate"}} {counters.duplicates}',
             f'cdp_dedup_events_total{{outcome="dead_lettered"}} {counters.dead_lettered}',
+            "# TYPE cdp_dedup_caught_up_total counter",
+            f"cdp_dedup_caught_up_total {counters.caught_up}",
         ]
         return web.text("\n".join(lines) + "\n")
 
@@ -180,7 +187,7 @@ def ingest_server(settings: Settings, producer: AsyncProducer) -> IngestServer:
         producer=producer,
         max_in_flight=settings.ingest.max_in_flight,
         retry_after_s=settings.ingest.retry_after_s,
-        request_timeout_s=settings.ingest.delivery_timeout_ms / 1000 + 5,
+        request_timeout_s=settings.ingest.delivery_timeout_ms / 1000 + 1,
     )
 
 

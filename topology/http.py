@@ -6,7 +6,7 @@ each problem named), so nothing of it enters the pipeline. Deduplication by mess
 dedup stage, because every copy of a messageId must meet in one place whichever ingest received it.
 
 Endpoints: POST /v1/{track,identify,page,screen,group,alias} (and analytics.js's short /v1/{t,i,p,s,g,a}),
-/v1/batch (/v1/b) and /v1/import; GET /health and /metrics. Auth: HTTP Basic with the write key as user name,
+/v1/batch (/v1/b) and /v1/import; GET /v1/projects/{writeKey}/settings (analytics.js), /health and /metrics. Auth: HTTP Basic with the write key as user name,
 or `writeKey` in the body.
 """
 
@@ -93,12 +93,25 @@ class IngestServer:
         app = web.Application(client_max_size=2 * MAX_BATCH_BYTES)
         app.router.add_post("/v1/{call}", self.handle)
         app.router.add_route("OPTIONS", "/v1/{call}", self.preflight)
+        app.router.add_get("/v1/projects/{write_key}/settings", self.browser_settings)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         return app
 
     async def preflight(self, request: web.Request) -> web.Response:
         return web.Response(status=204, headers=CORS_HEADERS)
+
+    async def browser_settings(self, request: web.Request) -> web.Response:
+        """What analytics.js (analytics-next) loads before sending: point it back at this host.
+
+        Use it by setting the snippet's `cdnURL` (or `load(..., {cdnURL})`) to this host.
+        """
+        key = request.match_info["write_key"]
+        if key not in self.sources:
+            raise web.HTTPNotFound(text="unknown write key")
+        host = f"{request.host}/v1"
+        body = {"integrations": {"Segment.io": {"apiKey": key, "apiHost": host, "protocol": request.scheme}}, "plan": {}}
+        return web.json_response(body, headers={"Access-Control-Allow-Origin": "*"})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "in_flight": self.in_flight})
@@ -130,13 +143,14 @@ class IngestServer:
         is_batch = call in BATCH_CALLS
         body = await self._read_json(request, MAX_BATCH_BYTES if is_batch else MAX_EVENT_BYTES)
         source = self._authenticate(request, body)
+        client_ip = _client_ip(request)
         if is_batch:
-            events, problems = batch_to_raw_events(body, source=source, received_at=received_at)
+            events, problems = batch_to_raw_events(body, source=source, received_at=received_at, client_ip=client_ip)
             if problems:
                 raise Rejected(400, "invalid batch: nothing was accepted", problems)
         else:
             try:
-                events = [to_raw_event(body, call_type=SINGLE_CALLS[call], source=source, received_at=received_at)]
+                events = [to_raw_event(body, call_type=SINGLE_CALLS[call], source=source, received_at=received_at, client_ip=client_ip)]
             except InvalidMessage as exc:
                 raise Rejected(400, f"invalid {SINGLE_CALLS[call]} call", [MessageProblem(0, exc.field, exc.reason)]) from None
         if self.in_flight + len(events) > self.max_in_flight:
@@ -178,6 +192,12 @@ class IngestServer:
         if source is None:
             raise Rejected(401, "unknown write key")
         return source
+
+
+def _client_ip(request: web.Request) -> str | None:
+    """The caller's address: the first X-Forwarded-For hop when behind a proxy, else the peer."""
+    forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+    return forwarded or request.remote
 
 
 def _basic_user(header: str) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +41,9 @@ class Written:
 class _Group:
     """The pending writes of one `write_all` call; callbacks arrive on the poll thread, one at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int, on_fatal: Callable[[], None]) -> None:
         self.loop = loop
+        self.on_fatal = on_fatal
         self.future: asyncio.Future[list[Written]] = loop.create_future()
         self.remaining = size
         self.written: list[Written | None] = [None] * size
@@ -51,6 +52,8 @@ class _Group:
     def on_delivery(self, index: int, error: Any, message: Any) -> None:
         if error is not None:
             self.error = self.error or f"{error.str()} (topic {message.topic()})"
+            if error.fatal():
+                self.on_fatal()
         else:
             self.written[index] = Written(message.topic(), message.partition(), message.offset())
         self.remaining -= 1
@@ -83,10 +86,16 @@ def producer_config(bootstrap: str, delivery_timeout_ms: int, **overrides: Any) 
 
 
 class AsyncProducer:
-    """One librdkafka producer per process, polled by a daemon thread."""
+    """One librdkafka producer per process, polled by a daemon thread.
+
+    After a fatal error (e.g. the idempotent producer's sequence broke) librdkafka refuses every further write;
+    the next `write_all` then starts a new producer instead of failing forever.
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
+        self._config = config
         self._producer = confluent_kafka.Producer(config)
+        self._fatal = False
         self._stopping = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="kafka-producer-poll", daemon=True)
         self._poller.start()
@@ -95,11 +104,21 @@ class AsyncProducer:
         while not self._stopping.is_set():
             self._producer.poll(0.05)
 
+    def _mark_fatal(self) -> None:
+        self._fatal = True
+
+    def _renew_if_fatal(self) -> None:
+        if self._fatal:
+            old, self._producer, self._fatal = self._producer, confluent_kafka.Producer(self._config), False
+            old.purge()  # its queue can never be delivered: fail those writes now ...
+            old.flush(0)  # ... by serving their (error) delivery reports, which the poll thread no longer does
+
     async def write_all(self, records: Sequence[Record]) -> list[Written]:
         """Write every record; returns when Kafka acknowledged all, raises DeliveryFailed if any failed."""
         if not records:
             return []
-        group = _Group(asyncio.get_running_loop(), len(records))
+        self._renew_if_fatal()
+        group = _Group(asyncio.get_running_loop(), len(records), self._mark_fatal)
         for index, record in enumerate(records):
             kwargs: dict[str, Any] = {"key": record.key, "value": record.value}
             if record.partition is not None:

@@ -1,4 +1,4 @@
-"""The dedup stage's memory: messageId -> first received_at, one RocksDB (rocksdict) per partition.
+"""The dedup stage's memory: messageId -> stream time of its last passed sighting, one RocksDB (rocksdict) per partition.
 
 Its changelog is cdp.events.raw itself. Every first sighting the stage passes on lands in the raw topic, in
 the same partition number as its input, so the raw partition *is* the log of this store: the store keeps the
@@ -7,8 +7,8 @@ there to its end. A worker killed between "written to raw" and "input offset com
 own outputs on restart and drops the re-read inputs instead of writing them twice; no separate changelog
 topic can drift from the outputs, because there is none.
 
-Layout (one key space, ordered): b"m" + messageId -> received_at (8 bytes, big-endian);
-b"t" + received_at + messageId -> b"" (a time index, so expiry is a short range scan);
+Layout (one key space, ordered): b"m" + messageId -> stream time (8 bytes, big-endian);
+b"t" + stream time + messageId -> b"" (a time index, so expiry is a short range scan);
 b"\\x00next" -> the next raw offset not yet reflected; b"\\x00time" -> the partition's stream time;
 b"\\x00input" -> the next input offset not yet applied (inputs below it are skipped when re-read after a crash).
 Times are stream times (see agents/ingest/dedup.py); the raw records carry them as their Kafka timestamps.

@@ -1,8 +1,8 @@
 """messageId deduplication: which accepted calls are first sightings.
 
 Reads:  RawEvents of one partition of cdp.events.accepted, in offset order.
-Yields: the events whose messageId was not passed on within the window, each with its stream time, and the
-        sightings to remember.
+Yields: the positions of the events whose messageId was not passed on within the window, each with its
+        stream time, and the sightings to remember.
 State:  messageId -> stream time of its last passed sighting, plus the partition's stream time (a Mapping; the
         caller persists new entries only after the outputs are acknowledged, which makes the stage crash-safe).
 Errors: none.
@@ -23,9 +23,9 @@ from agents.events import RawEvent
 
 @dataclass
 class Sightings:
-    """The outcome of one batch: what passes (with its stream time), what to remember, the new stream time."""
+    """The outcome of one batch: which inputs pass (index, stream time), what to remember, the new stream time."""
 
-    passed: list[tuple[RawEvent, int]] = field(default_factory=list)
+    passed: list[tuple[int, int]] = field(default_factory=list)
     remember: dict[str, int] = field(default_factory=dict)
     stream_time: int = 0
 
@@ -33,7 +33,7 @@ class Sightings:
 def first_sightings(events: Iterable[RawEvent], seen: Mapping[str, int], window_ms: int, stream_time: int) -> Sightings:
     """Decide one batch of one partition; a messageId passed less than `window_ms` of stream time ago is dropped."""
     out = Sightings(stream_time=stream_time)
-    for event in events:
+    for index, event in enumerate(events):
         out.stream_time = max(out.stream_time, event["received_at"])
         message_id = event["message_id"]
         last = out.remember.get(message_id)
@@ -42,5 +42,5 @@ def first_sightings(events: Iterable[RawEvent], seen: Mapping[str, int], window_
         if last is not None and out.stream_time - last < window_ms:
             continue
         out.remember[message_id] = out.stream_time
-        out.passed.append((event, out.stream_time))
+        out.passed.append((index, out.stream_time))
     return out

@@ -93,8 +93,12 @@ def to_raw_event(
     received_at: int,
     envelope: Envelope = NO_ENVELOPE,
     make_id: Callable[[], str] = new_message_id,
+    client_ip: str | None = None,
 ) -> RawEvent:
-    """The RawEvent for one message; `call_type` is fixed by the endpoint, None for batch items."""
+    """The RawEvent for one message; `call_type` is fixed by the endpoint, None for batch items.
+
+    `client_ip` (the request's address) fills `context.ip` when the message has none, as Segment's servers do.
+    """
     if not isinstance(message, dict):
         raise InvalidMessage("message", f"must be a JSON object, not {type(message).__name__}")
     size = len(orjson.dumps(message))
@@ -116,6 +120,9 @@ def to_raw_event(
         raise InvalidMessage("previousId" if previous_id is None else "userId", "an alias call needs previousId and userId")
     objects = {name: _object(message, key) for key, name in _OBJECT_FIELDS.items()}
     timestamp, original, sent_at = _times(message, envelope, received_at)
+    context = {**envelope.context, **objects["context"]}
+    if client_ip and not context.get("ip"):
+        context["ip"] = client_ip
     return RawEvent(
         message_id=_message_id(message, make_id),
         type=kind,
@@ -129,7 +136,7 @@ def to_raw_event(
         previous_id=previous_id if kind == "alias" else None,
         properties=objects["properties"],
         traits=objects["traits"],
-        context={**envelope.context, **objects["context"]},
+        context=context,
         integrations={**envelope.integrations, **objects["integrations"]},
         timestamp=timestamp,
         original_timestamp=original,
@@ -140,7 +147,7 @@ def to_raw_event(
 
 
 def batch_to_raw_events(
-    body: Any, *, source: str, received_at: int, make_id: Callable[[], str] = new_message_id
+    body: Any, *, source: str, received_at: int, make_id: Callable[[], str] = new_message_id, client_ip: str | None = None
 ) -> tuple[list[RawEvent], list[MessageProblem]]:
     """Every message of a batch body, or every problem in it: a batch is accepted whole or not at all."""
     if not isinstance(body, dict):
@@ -160,7 +167,10 @@ def batch_to_raw_events(
     for index, message in enumerate(messages):
         try:
             events.append(
-                to_raw_event(message, call_type=None, source=source, received_at=received_at, envelope=envelope, make_id=make_id)
+                to_raw_event(
+                    message, call_type=None, source=source, received_at=received_at, envelope=envelope,
+                    make_id=make_id, client_ip=client_ip,
+                )  # fmt: skip
             )
         except InvalidMessage as exc:
             problems.append(MessageProblem(index, exc.field, exc.reason))

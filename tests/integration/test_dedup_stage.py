@@ -4,6 +4,7 @@ ingest and of the worker (graceful and SIGKILL), and undecodable bytes are dead-
 from __future__ import annotations
 
 import signal
+import time
 import uuid
 from collections import Counter
 
@@ -11,12 +12,17 @@ from confluent_kafka import Producer
 
 import requests
 
+from agents.ingest.tracking import batch_to_raw_events
 from tests.support import Pipeline, free_port
+from topology.codecs import AvroCodec, SchemaRepository
 
 
 def raw_ids(pipeline: Pipeline, until_ids: set[str], timeout: float = 90) -> Counter[str]:
-    """messageId -> how many times it is on cdp.events.raw, read until every id in `until_ids` is there."""
-    records = pipeline.read("events.raw", until=lambda rs: {r.key.decode() for r in rs} >= until_ids, timeout=timeout)
+    """messageId -> how many times it is on cdp.events.raw, once every id in `until_ids` is there and the
+    worker has committed all its input (so a duplicate written after a restart can't arrive later)."""
+    pipeline.read("events.raw", until=lambda rs: {r.key.decode() for r in rs} >= until_ids, timeout=timeout, decode=False)
+    pipeline.wait_processed()
+    records = pipeline.read("events.raw", until=lambda rs: True, decode=False)
     return Counter(r.key.decode() for r in records)
 
 
@@ -75,21 +81,25 @@ def test_sigkill_of_the_worker_mid_stream_loses_nothing_and_duplicates_nothing(p
 
 def test_undecodable_bytes_go_to_the_dead_letter_topic_and_the_stage_goes_on(pipeline: Pipeline) -> None:
     run = uuid.uuid4().hex[:8]
-    pipeline.start("ingest")
     pipeline.start("worker")
-    producer = Producer({"bootstrap.servers": pipeline.bootstrap, "partitioner": "murmur2_random"})
+    accepted = pipeline.topic("events.accepted")
+    good = {"type": "track", "userId": "u", "event": "e", "messageId": f"after-{run}"}
+    (event,), _ = batch_to_raw_events({"batch": [good]}, source="test", received_at=int(time.time() * 1000))
+    producer = Producer({"bootstrap.servers": pipeline.bootstrap})
     garbage = b'{"userId": "not avro"}'
-    producer.produce(pipeline.topic("events.accepted"), key=f"junk-{run}".encode(), value=garbage)
-    producer.produce(pipeline.topic("events.accepted"), key=f"junk2-{run}".encode(), value=b"\xc3\x01" + b"\x00" * 4)
+    # All in one partition, the good record last: it passes only if the stage went on past the bad ones.
+    producer.produce(accepted, key=f"junk-{run}".encode(), value=garbage, partition=2)
+    producer.produce(accepted, key=f"junk2-{run}".encode(), value=b"\xc3\x01" + b"\x00" * 9, partition=2)
+    producer.produce(accepted, key=f"after-{run}".encode(), value=AvroCodec("raw_event", SchemaRepository.load()).encode(event), partition=2)
     producer.flush(10)
-    send(pipeline, f"after-{run}")
     assert raw_ids(pipeline, {f"after-{run}"})[f"after-{run}"] == 1
     letters = pipeline.read("events.dead-letter", until=lambda rs: len(rs) >= 2)
     by_key = {r.key.decode(): r.value for r in letters}
     junk = by_key[f"junk-{run}"]
     assert junk["value"] == garbage and junk["stage"] == "dedup" and junk["error"] == "UndecodableError"
-    assert pipeline.topic("events.accepted") in junk["reason"] and "7b" in junk["reason"].lower()
-    assert by_key[f"junk2-{run}"]["error"] == "UndecodableError"
+    assert (junk["topic"], junk["partition"], junk["offset"]) == (accepted, 2, 0)
+    assert accepted in junk["reason"] and "7b" in junk["reason"].lower()
+    assert by_key[f"junk2-{run}"]["error"] == "UndecodableError" and "fingerprint" in by_key[f"junk2-{run}"]["reason"]
 
 
 def test_partitions_moving_between_two_workers_lose_and_duplicate_nothing(pipeline: Pipeline) -> None:

@@ -59,6 +59,10 @@ def test_bad_requests_are_rejected_and_leave_no_trace(pipeline: Pipeline) -> Non
     bad.append(f"bad-{run}-oversize-batch")
     big = [{"type": "track", "userId": bad[-1], "event": "e", "properties": {"blob": "y" * 20_000}} for _ in range(30)]
     rejected(400, pipeline.post("/v1/batch", {"batch": big}))
+    bad.append(f"bad-{run}-oversize-in-batch")
+    one_big = [{"type": "track", "userId": bad[-1], "event": "e"}, {"type": "track", "userId": bad[-1], "event": "e", "properties": {"blob": "z" * 33_000}}]
+    body = rejected(400, pipeline.post("/v1/batch", {"batch": one_big}), "message")
+    assert body["errors"][0]["index"] == 1 and "32 KB" in body["errors"][0]["reason"]
     bad.append(f"bad-{run}-2501")
     rejected(400, pipeline.post("/v1/batch", {"batch": [{"type": "track", "userId": bad[-1], "event": "e"}] * 2_501}), "batch")
     bad.append(f"bad-{run}-mixed")
@@ -79,18 +83,46 @@ def test_bad_requests_are_rejected_and_leave_no_trace(pipeline: Pipeline) -> Non
     assert not set(users) & set(bad)
 
 
-def test_write_key_in_the_body_and_gzip_bodies_are_accepted(pipeline: Pipeline) -> None:
+def test_batch_envelope_write_key_in_the_body_gzip_and_client_ip(pipeline: Pipeline) -> None:
+    """What reaches Kafka from a gzip'd batch: batch-level context/integrations merged into each message,
+    batch-level sentAt applied (clock-skew corrected timestamp), the caller's address as context.ip."""
     pipeline.start("ingest")
-    user = f"gz-{uuid.uuid4().hex[:8]}"
-    body = {"writeKey": WRITE_KEY, "batch": [{"type": "identify", "userId": user, "traits": {"plan": "pro"}}]}
+    run = uuid.uuid4().hex[:8]
+    body = {
+        "writeKey": WRITE_KEY,
+        "batch": [
+            {"type": "identify", "userId": f"a-{run}", "traits": {"plan": "pro"}, "context": {"locale": "fr-FR"},
+             "originalTimestamp": "2030-01-01T00:00:00Z"},
+            {"type": "track", "userId": f"b-{run}", "event": "Paid", "integrations": {"Mixpanel": True},
+             "originalTimestamp": "2030-01-01T00:00:02Z"},
+        ],
+        "context": {"library": {"name": "raw-http"}, "locale": "en-US"},
+        "integrations": {"All": False, "Mixpanel": False},
+        "sentAt": "2030-01-01T00:00:05Z",  # this client's clock is years ahead
+    }  # fmt: skip
     response = requests.post(
         f"{pipeline.url}/v1/batch", data=gzip.compress(orjson.dumps(body)),
-        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}, timeout=30,
+        headers={"Content-Encoding": "gzip", "Content-Type": "text/plain", "X-Forwarded-For": "203.0.113.9, 10.0.0.1"},
+        timeout=30,
     )  # fmt: skip
     assert response.status_code == 200, response.text
-    records = pipeline.read("events.accepted", until=lambda rs: any(r.value["user_id"] == user for r in rs))
-    (event,) = [r.value for r in records if r.value["user_id"] == user]
-    assert event["traits"] == {"plan": "pro"} and event["type"] == "identify" and event["source"] == "test"
+    records = pipeline.read("events.accepted", until=lambda rs: sum(run in r.value["user_id"] for r in rs) == 2)
+    a, b = sorted((r.value for r in records if run in r.value["user_id"]), key=lambda e: e["user_id"])
+    assert a["context"] == {"library": {"name": "raw-http"}, "locale": "fr-FR", "ip": "203.0.113.9"}
+    assert b["context"] == {"library": {"name": "raw-http"}, "locale": "en-US", "ip": "203.0.113.9"}
+    assert a["integrations"] == {"All": False, "Mixpanel": False} and b["integrations"] == {"All": False, "Mixpanel": True}
+    assert a["traits"] == {"plan": "pro"} and a["source"] == "test"
+    assert b["received_at"] - b["timestamp"] == 3_000 and a["received_at"] - a["timestamp"] == 5_000
+    assert abs(b["received_at"] - time.time() * 1000) < 60_000
+
+
+def test_analytics_js_settings_point_the_browser_back_here(pipeline: Pipeline) -> None:
+    pipeline.start("ingest")
+    settings = requests.get(f"{pipeline.url}/v1/projects/{WRITE_KEY}/settings", timeout=10)
+    assert settings.status_code == 200
+    segment = settings.json()["integrations"]["Segment.io"]
+    assert segment["apiKey"] == WRITE_KEY and segment["apiHost"] == f"127.0.0.1:{pipeline.ingest_port}/v1"
+    assert requests.get(f"{pipeline.url}/v1/projects/wk_nobody/settings", timeout=10).status_code == 404
 
 
 def test_429_with_retry_after_when_kafka_cannot_keep_up(kafka_bootstrap: str, tmp_path) -> None:

@@ -29,6 +29,7 @@ def check_common(event: dict, before_ms: int) -> None:
     assert before_ms <= event["received_at"] <= int(time.time() * 1000)
     assert event["sent_at"] is not None and event["original_timestamp"] is not None
     assert event["timestamp"] == event["received_at"] - (event["sent_at"] - event["original_timestamp"])
+    assert event["context"].get("ip"), "filled from the request when the SDK sends none"
 
 
 def test_segment_analytics_python(pipeline: Pipeline) -> None:
@@ -67,6 +68,8 @@ def test_segment_analytics_python(pipeline: Pipeline) -> None:
     assert by_type["group"][0]["group_id"] == f"org-{run}" and by_type["group"][0]["traits"] == {"name": "Acme"}
     alias = by_type["alias"][0]
     assert (alias["previous_id"], alias["user_id"]) == (anon, user)
+    live = [e for e in events if e is not order]
+    assert all(abs(e["timestamp"] - e["received_at"]) < 30_000 for e in live), "a call made now is timed now"
     viewed = next(e for e in by_type["track"] if e["event"] == "Viewed")
     assert viewed["anonymous_id"] == anon and viewed["user_id"] is None
     assert len({e["message_id"] for e in events}) == 7
@@ -97,6 +100,7 @@ def test_segment_analytics_node(pipeline: Pipeline) -> None:
     for event in events:
         check_common(event, before - 1)
         assert event["context"]["library"]["name"] == "@segment/analytics-node"
+        assert abs(event["timestamp"] - event["received_at"]) < 30_000, "a call made now is timed now"
     by_type = {e["type"]: e for e in events if e["type"] != "track"}
     tracks = {e["event"]: e for e in events if e["type"] == "track"}
     assert tracks["Signed Up"]["properties"] == {"plan": "free"} and tracks["Signed Up"]["context"]["locale"] == "de-DE"

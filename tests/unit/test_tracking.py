@@ -35,8 +35,17 @@ def test_timestamp_is_corrected_for_the_client_clock() -> None:
 
 
 def test_a_sent_timestamp_counts_as_the_original_time_when_sent_at_is_known() -> None:
-    event = raw({"userId": "u", "event": "x", "timestamp": "2024-04-01T00:00:00Z", "sentAt": "2024-05-01T12:00:10Z"})
-    assert event["timestamp"] == parse_time_ms("2024-04-01T00:00:00Z", "t")
+    # A historical import from a server whose clock is 30 s ahead: the call is moved by the same 30 s.
+    event = raw({"userId": "u", "event": "x", "timestamp": "2024-04-01T00:00:00Z", "sentAt": "2024-05-01T12:00:40Z"})
+    assert event["timestamp"] == parse_time_ms("2024-04-01T00:00:00Z", "t") - 30_000
+    assert event["original_timestamp"] == parse_time_ms("2024-04-01T00:00:00Z", "t")
+
+
+def test_the_request_address_fills_context_ip_only_when_absent() -> None:
+    filled = to_raw_event({"userId": "u", "event": "x"}, call_type="track", source="web", received_at=RECEIVED, client_ip="10.9.8.7")
+    kept = to_raw_event({"userId": "u", "event": "x", "context": {"ip": "1.1.1.1"}}, call_type="track", source="web",
+                        received_at=RECEIVED, client_ip="10.9.8.7")  # fmt: skip
+    assert filled["context"] == {"ip": "10.9.8.7"} and kept["context"] == {"ip": "1.1.1.1"}
 
 
 def test_an_explicit_timestamp_without_sent_at_is_kept() -> None:
