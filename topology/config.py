@@ -17,8 +17,10 @@ import yaml
 
 from agents.durations import parse_duration_ms
 from agents.errors import ConfigError
+from agents.identity.rules import IdentityRules, parse_rules
 
 DAY_MS = 86_400_000
+_IDENTITY_KEYS = {"identifiers", "blocked", "max_merges", "max_identifiers"}
 _TOP_LEVEL_KEYS = {"sources", "identity", "traits", "audiences", "destinations", "topics", "ingest"}
 
 
@@ -64,7 +66,7 @@ class Settings:
     sources: tuple[Source, ...] = ()
     topics: TopicSettings = TopicSettings()
     ingest: IngestSettings = IngestSettings()
-    identity: Mapping[str, Any] = field(default_factory=dict)
+    identity: IdentityRules = IdentityRules()
     traits: tuple[Mapping[str, Any], ...] = ()
     audiences: tuple[Mapping[str, Any], ...] = ()
     destinations: tuple[Mapping[str, Any], ...] = ()
@@ -113,7 +115,7 @@ class Settings:
             sources=_sources(raw.get("sources") or []),
             topics=_topics(raw.get("topics") or {}),
             ingest=_ingest(raw.get("ingest") or {}),
-            identity=dict(raw.get("identity") or {}),
+            identity=parse_rules(_section(raw.get("identity") or {}, "identity", _IDENTITY_KEYS)),
             traits=tuple(raw.get("traits") or ()),
             audiences=tuple(raw.get("audiences") or ()),
             destinations=tuple(raw.get("destinations") or ()),
