@@ -17,7 +17,7 @@ from agents.identity.rules import IdentityRules
 
 
 @dataclass(frozen=True)
-class Identifier:
+class ExtractedIdentifier:
     """One identifier of an event; `blocked` ones are reported, never linked."""
 
     type: str
@@ -25,7 +25,7 @@ class Identifier:
     blocked: bool = False
 
 
-def extract(event: RawEvent, rules: IdentityRules) -> list[Identifier]:
+def extract(event: RawEvent, rules: IdentityRules) -> list[ExtractedIdentifier]:
     """Every distinct (type, value) on the event, most trusted type first."""
     found: dict[tuple[str, str], None] = {}
 
@@ -55,7 +55,7 @@ def extract(event: RawEvent, rules: IdentityRules) -> list[Identifier]:
         for path in rule.paths:
             add(rule.type, _path(event, path))
     ordered = sorted(found, key=lambda tv: (rules.priority(tv[0]), tv[1]))
-    return [Identifier(t, v, rules.is_blocked(v)) for t, v in ordered]
+    return [ExtractedIdentifier(t, v, rules.is_blocked(v)) for t, v in ordered]
 
 
 def _path(root: Any, dotted: str) -> Any:

@@ -6,7 +6,7 @@ import pytest
 
 from agents.durations import DAY_MS
 from agents.errors import ConfigError
-from agents.identity.identifiers import Identifier, extract
+from agents.identity.identifiers import ExtractedIdentifier as Identifier, extract
 from agents.identity.rules import IdentityRules, Limit, parse_limit, parse_rules
 
 
