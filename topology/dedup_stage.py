@@ -80,10 +80,21 @@ class DedupStage:
 
     def on_partitions_assigned(self, partitions: set[int]) -> None:
         """Another worker may have written to raw while we did not own these: catch up before the next batch."""
+        for partition in partitions:
+            self._open_store(partition)
         self._stale |= partitions
 
+    def applied_offset(self, partition: int) -> int | None:
+        """The next input offset to decide on `partition`, if this worker has its store open."""
+        store = self._stores.get(partition)
+        return None if store is None else store.next_input
+
     def on_partitions_revoked(self, partitions: set[int]) -> None:
-        """Whoever gets these next may write to raw: if they come back, catch up first."""
+        """Whoever gets these next may write to raw: if they come back, catch up first (and free the DB now)."""
+        for partition in partitions:
+            store = self._stores.pop(partition, None)
+            if store is not None:
+                store.close()
         self._stale |= partitions
 
     async def run(self, stream: AsyncIterable[Any]) -> None:
@@ -145,11 +156,15 @@ class DedupStage:
         self.counters.duplicates += len(decoded) - len(out.passed)
         self.counters.dead_lettered += len(records) - len(out.passed)
 
-    async def _ready_store(self, partition: int) -> SeenStore:
+    def _open_store(self, partition: int) -> SeenStore:
         store = self._stores.get(partition)
         if store is None:
             store = self._stores[partition] = SeenStore(self.store_dir / f"{self.raw_topic}-{partition}")
             self._stale.add(partition)
+        return store
+
+    async def _ready_store(self, partition: int) -> SeenStore:
+        store = self._open_store(partition)
         if partition in self._stale:
             try:
                 found = await asyncio.to_thread(self._catch_up, partition, store)

@@ -20,6 +20,7 @@ from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import Settings
 from topology.dedup_stage import DedupStage
 from topology.http import IngestServer
+from topology.metrics import Metric, process_cpu, render
 from topology.producer import AsyncProducer, producer_config
 from topology.topics import ALL_TOPICS, EVENTS_ACCEPTED, EVENTS_DEAD_LETTER, EVENTS_RAW, TopicSpec
 
@@ -151,15 +152,16 @@ def build(settings: Settings) -> Graph:
     @app.page("/metrics")
     async def _metrics(web: Any, request: Any) -> Any:
         counters = dedup.counters
-        lines = [
-            "# TYPE cdp_dedup_events_total counter",
-            f'cdp_dedup_events_total{{outcome="passed"}} {counters.passed}',
-            f'cdp_dedup_events_total{{outcome="duplicate"}} {counters.duplicates}',
-            f'cdp_dedup_events_total{{outcome="dead_lettered"}} {counters.dead_lettered}',
-            "# TYPE cdp_dedup_caught_up_total counter",
-            f"cdp_dedup_caught_up_total {counters.caught_up}",
-        ]
-        return web.text("\n".join(lines) + "\n")
+        events = Metric("cdp_dedup_events_total", "counter", "dedup stage decisions")
+        events.add(counters.passed, outcome="passed").add(counters.duplicates, outcome="duplicate")
+        events.add(counters.dead_lettered, outcome="dead_lettered")
+        lag = Metric("cdp_consumer_lag", "gauge", "input records not yet decided, per assigned partition")
+        for tp in sorted(app.consumer.assignment()):
+            applied, highwater = dedup.applied_offset(tp.partition), app.consumer.highwater(tp)
+            if tp.topic == accepted.get_topic_name() and applied is not None and highwater is not None:
+                lag.add(max(highwater - applied, 0), stage="dedup", topic=tp.topic, partition=str(tp.partition))
+        caught_up = Metric("cdp_dedup_caught_up_total", "counter", "sightings read back from the raw topic")
+        return web.text(render([events, lag, caught_up.add(counters.caught_up), process_cpu()]))
 
     return Graph(app=app, dedup=dedup)
 

@@ -32,6 +32,7 @@ from agents.ingest.tracking import (
     to_raw_event,
 )
 from topology.codecs import AvroCodec
+from topology.metrics import Metric, process_cpu, render
 from topology.producer import AsyncProducer, Record
 
 SINGLE_CALLS = {
@@ -117,15 +118,14 @@ class IngestServer:
         return web.json_response({"status": "ok", "in_flight": self.in_flight})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        lines = [
-            "# TYPE cdp_ingest_events_accepted_total counter",
-            f"cdp_ingest_events_accepted_total {self.events_accepted}",
-            "# TYPE cdp_ingest_events_in_flight gauge",
-            f"cdp_ingest_events_in_flight {self.in_flight}",
-            "# TYPE cdp_ingest_responses_total counter",
-            *(f'cdp_ingest_responses_total{{status="{status}"}} {n}' for status, n in sorted(self.responses.items())),
-        ]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        responses = Metric("cdp_ingest_responses_total", "counter", "HTTP responses by status")
+        for status, count in sorted(self.responses.items()):
+            responses.add(count, status=str(status))
+        return web.Response(text=render([
+            Metric("cdp_ingest_events_total", "counter", "events acknowledged by Kafka and answered 200").add(self.events_accepted),
+            Metric("cdp_ingest_events_in_flight", "gauge", "events waiting for Kafka's acknowledgement").add(self.in_flight),
+            responses, process_cpu(),
+        ]), content_type="text/plain")  # fmt: skip
 
     async def handle(self, request: web.Request) -> web.Response:
         call = request.match_info["call"]
