@@ -67,3 +67,24 @@ def ensure_topics(settings: Settings, specs: tuple[TopicSpec, ...] = ALL_TOPICS,
                 raise ConfigError(f"can't create topic {name}: {exc}") from exc
         reports.append(TopicReport(name, next(t.num_partitions for t in missing if t.topic == name), "created"))
     return reports
+
+
+def check_copartitioned(settings: Settings, pairs: tuple[tuple[TopicSpec, TopicSpec], ...], timeout: float = 30.0) -> None:
+    """Refuse to start a stage whose input and output differ in partition count (or don't exist).
+
+    The dedup stage writes partition p of its input to partition p of its output; with a different count it would
+    stall on writes to a partition that doesn't exist, far from the cause. Say it at start instead.
+    """
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    try:
+        topics = admin.list_topics(timeout=timeout).topics
+    except Exception as exc:
+        raise ConfigError(f"can't reach Kafka at {settings.kafka_bootstrap}: {exc}") from exc
+    for source, target in pairs:
+        names = source.name(settings), target.name(settings)
+        missing = [name for name in names if name not in topics]
+        if missing:
+            raise ConfigError(f"topics {missing} don't exist: run `cdp topics` first")
+        counts = [len(topics[name].partitions) for name in names]
+        if counts[0] != counts[1]:
+            raise ConfigError(f"{names[0]} has {counts[0]} partitions but {names[1]} has {counts[1]}; they must match")

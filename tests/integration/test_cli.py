@@ -35,6 +35,10 @@ def test_topics_creates_what_is_missing_then_verifies_and_reports_mismatches(kaf
     mismatch = cdp(wrong, "topics")
     assert mismatch.returncode == 1
     assert f"mismatch  {wrong.topic('events.raw')} (5 partitions) has 5 partitions, the config says 2" in mismatch.stdout
+    worker = cdp(wrong, "worker")
+    assert worker.returncode == 2 and "has 2 partitions but" in worker.stderr and "must match" in worker.stderr
+    missing = cdp(Pipeline(bootstrap=kafka_bootstrap, root=tmp_path / "none"), "worker")
+    assert missing.returncode == 2 and "run `cdp topics` first" in missing.stderr
 
 
 def test_topology_prints_every_stage_and_topic_with_key_and_schema(kafka_bootstrap: str, tmp_path) -> None:
