@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import subprocess
 import tempfile
 import time
@@ -46,12 +45,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_healthy(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -87,19 +80,21 @@ class Bench:
 @contextmanager
 def bench_pipeline(settings: Settings) -> Iterator[Bench]:
     """Fresh topics under a unique prefix, on the configured Kafka or on a temporary local broker."""
-    from topology.kafka_local import LocalKafka, is_reachable
+    from topology.kafka_local import LocalKafka, free_ports, is_reachable
 
     with tempfile.TemporaryDirectory(prefix="cdp-bench-") as tmp:
         scratch = Path(tmp)
         broker = None
         if not is_reachable(settings.kafka_bootstrap):
-            runtime = Path(os.environ.get("CDP_KAFKA_RUNTIME_DIR") or REPO_ROOT / ".cache" / "kafka-runtime")
-            broker = LocalKafka(data_dir=scratch / "kafka", runtime_dir=runtime, port=free_port(), controller_port=free_port())
+            port, controller_port = free_ports(2)
+            runtime = settings.kafka_runtime or REPO_ROOT / ".cache" / "kafka-runtime"
+            broker = LocalKafka(data_dir=scratch / "kafka", runtime_dir=runtime, port=port, controller_port=controller_port)
             broker.start()
             settings = replace(settings, kafka_bootstrap=broker.bootstrap)
         try:
             prefix = f"bench{uuid.uuid4().hex[:6]}"
-            settings = replace(settings, topics=replace(settings.topics, prefix=prefix), ingest_port=free_port(), web_port=free_port())
+            ingest_port, web_port = free_ports(2)
+            settings = replace(settings, topics=replace(settings.topics, prefix=prefix), ingest_port=ingest_port, web_port=web_port)
             config = scratch / "bench.yaml"
             config.write_text(json.dumps({"sources": [{"name": "bench", "write_key": WRITE_KEY}],
                                           "topics": {"prefix": prefix, "partitions": settings.topics.partitions}}))  # fmt: skip

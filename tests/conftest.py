@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO_ROOT, Pipeline, free_ports
+from topology.config import Settings
 
 
 def runtime_dir() -> Path:
-    return Path(os.environ.get("CDP_KAFKA_RUNTIME_DIR") or REPO_ROOT / ".cache" / "kafka-runtime")
+    """CDP_KAFKA_RUNTIME_DIR if set, else .cache/kafka-runtime: the jars are fetched once per checkout."""
+    return Settings.from_env({"CDP_DATA_DIR": str(REPO_ROOT / ".cache"), **os.environ}).kafka_runtime_dir
 
 
 @pytest.fixture(scope="session")

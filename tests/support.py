@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from confluent_kafka.admin import AdminClient
 from topology.admin import ensure_topics
 from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import Settings
+from topology.kafka_local import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WRITE_KEY = "wk_test"
@@ -33,18 +33,6 @@ WRITE_KEY = "wk_test"
 
 def free_port() -> int:
     return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports the kernel just handed out; all held open together so they are distinct."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 @dataclass

@@ -32,8 +32,9 @@ def local_kafka(settings: Settings):  # -> LocalKafka; imported lazily, most com
             f"CDP_KAFKA_BOOTSTRAP={settings.kafka_bootstrap} is not a local address; "
             "`cdp kafka` manages only a broker on this machine (localhost:PORT)"
         )
-    runtime = Path(os.environ.get("CDP_KAFKA_RUNTIME_DIR") or settings.data_dir / "kafka-runtime")
-    return LocalKafka(data_dir=settings.data_dir / "kafka", runtime_dir=runtime, port=int(port), controller_port=int(port) + 1)
+    return LocalKafka(
+        data_dir=settings.data_dir / "kafka", runtime_dir=settings.kafka_runtime_dir, port=int(port), controller_port=int(port) + 1
+    )
 
 
 def cmd_kafka(settings: Settings, args: argparse.Namespace) -> int:

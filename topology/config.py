@@ -62,6 +62,7 @@ class Settings:
     ingest_port: int = 8080
     web_port: int = 6066
     admin_token: str | None = None
+    kafka_runtime: Path | None = None  # where the local broker's jars are cached; None: data_dir/kafka-runtime
     config_path: Path | None = None
     sources: tuple[Source, ...] = ()
     topics: TopicSettings = TopicSettings()
@@ -84,6 +85,8 @@ class Settings:
             overrides["schema_registry_url"] = env["CDP_SCHEMA_REGISTRY_URL"]
         if env.get("CDP_DATA_DIR"):
             overrides["data_dir"] = Path(env["CDP_DATA_DIR"])
+        if env.get("CDP_KAFKA_RUNTIME_DIR"):
+            overrides["kafka_runtime"] = Path(env["CDP_KAFKA_RUNTIME_DIR"])
         if env.get("CDP_ADMIN_TOKEN"):
             overrides["admin_token"] = env["CDP_ADMIN_TOKEN"]
         for name, key in (("ingest_port", "CDP_INGEST_PORT"), ("web_port", "CDP_WEB_PORT")):
@@ -120,6 +123,11 @@ class Settings:
             audiences=tuple(raw.get("audiences") or ()),
             destinations=tuple(raw.get("destinations") or ()),
         )
+
+    @property
+    def kafka_runtime_dir(self) -> Path:
+        """The jar cache of the local broker (CDP_KAFKA_RUNTIME_DIR, else under the data dir)."""
+        return self.kafka_runtime or self.data_dir / "kafka-runtime"
 
     def source_by_write_key(self) -> dict[str, str]:
         """Write key -> source name, the lookup the ingest authenticates with."""

@@ -296,6 +296,18 @@ def _check_java() -> None:
                               "install a newer JDK or put it first on PATH")
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports the kernel just handed out (all held open together, so they can't repeat)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def _check_port_free(port: int) -> None:
     """Refuse to start over a port someone else holds, instead of spawning a broker that dies on it."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
