@@ -1,5 +1,6 @@
-"""The identity stage: every identifier of an event resolved to one canonical profile (work in progress, not wired).
+"""The identity stage's logic: every identifier of an event resolved to one canonical profile, race-free.
 
 `rules` holds Segment's merge-protection settings as data; `identifiers` extracts what an event carries;
-`graph` decides one event against the identity graph for one writer. docs/identity.md has the plan.
+`protocol` is the distributed resolution (owners per identifier, profile and event, joins decided at the older
+profile). topology/identity_stage.py runs it on Kafka; docs/identity.md explains the design.
 """

@@ -70,6 +70,33 @@ class IdentityRules:
                 return (index, "")
         return (len(self.identifiers), type_)
 
+    def describe_limit(self, type_: str) -> str:
+        """A type's limit in words, as merge-log entries name the rule that decided: `email limit 5 per 7d`."""
+        limit = self.rule(type_).limit
+        return f"{type_} limit {limit.count}" + ("" if limit.period_ms is None else f" per {limit.period_ms // DAY_MS}d")
+
+    def broken_rule(self, held: Sequence[Sequence[Any]], incoming: Sequence[Sequence[Any]], merges: int, now: int) -> str | None:
+        """The rule a profile holding `held` would break by taking `incoming` and reaching `merges`; None if none.
+
+        Identifiers are `[type, value, added_at]`; a limit with a period counts only those added within it.
+        """
+        if merges > self.max_merges:
+            return f"max_merges {self.max_merges}"
+        combined: dict[tuple[str, str], int] = {(t, v): at for t, v, at in held}
+        for type_, value, added_at in incoming:
+            combined.setdefault((type_, value), added_at)
+        if len(combined) > self.max_identifiers:
+            return f"max_identifiers {self.max_identifiers}"
+        counts: dict[str, int] = {}
+        for (type_, _), added_at in combined.items():
+            period = self.rule(type_).limit.period_ms
+            if period is None or now - added_at < period:
+                counts[type_] = counts.get(type_, 0) + 1
+        for type_, count in counts.items():
+            if count > self.rule(type_).limit.count:
+                return self.describe_limit(type_)
+        return None
+
     def is_blocked(self, value: str) -> bool:
         """Exact or whole-value regex match against the blocked list; empty values are always blocked."""
         return not value.strip() or value in self.blocked or any(p.fullmatch(value) for p in self._patterns)

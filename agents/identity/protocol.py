@@ -1,0 +1,384 @@
+"""The identity protocol: resolving events against an identity graph spread over many partitions, race-free.
+
+Every piece of identity state has exactly one owner partition and changes only there, one command at a time:
+
+    identifier   "i|type|value" -> {"p": the profile it points at}          owner: partition of key "type:value"
+    profile      "p|<id>"       -> identifiers, merges, pointer, lock, queue owner: partition of key "<id>"
+    event saga   "e|<messageId>"-> the event's resolution under way          owner: partition of key "<messageId>"
+    decision     "d|<request>"  -> how a join request was decided (memo)     owner: the survivor's partition
+
+Owners talk through commands on one internal topic, keyed by the owner's key (`Outputs.commands`). An event:
+  1. claims each of its identifiers at the identifier's owner: a free one is taken for the event's own fresh
+     profile id, a taken one answers the profile it points at;
+  2. creates its fresh profile if it took any identifier;
+  3. joins, in its identifiers' priority order, the profile of each identifier into the profile of the most
+     trusted one. A join is decided at the *older* profile (ids sort by creation time) with the younger one
+     locked meanwhile: the younger sends its summary, the older checks the rules and absorbs it or refuses.
+     A refused join demotes that identifier for this event (Segment's "drop the least trusted identifier");
+  4. resolves to the survivor and is written out with its merge-log entries.
+
+Why this is race-free: a profile changes only at its owner and only while unlocked; a locked or not yet created
+profile queues what it is asked and answers in order once free. Locks are only ever waited on from a younger
+profile towards an older one (a total order), so waits can't form a cycle, and every join ends. Without limits
+every join is accepted, so identifiers that ever shared an event end in one profile: the connected components,
+whatever the partition count and interleaving (tests/unit/test_identity_protocol.py checks it against a
+union-find oracle). With limits, every join is checked at the single owner of the survivor with the younger
+profile frozen, so no profile ever holds more than a rule allows.
+
+Why it survives crashes: handlers are idempotent against a command delivered twice (a claim answers the same
+holder, a join locked by the same request is not locked again, a decided request answers its memo), so the
+stage may re-send its outbox after a SIGKILL. Ids are deterministic: a profile's id derives from the event that
+created it, a join request's id from the event and step.
+
+Pure: no I/O. The stage (topology/identity_stage.py) feeds commands, keeps `State` in RocksDB with a changelog,
+and writes `Outputs` to Kafka.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agents.events import MergeLogEntry, RawEvent
+from agents.identity.identifiers import extract
+from agents.identity.rules import IdentityRules
+
+Command = dict[str, Any]
+Record = dict[str, Any]
+LOG_KEPT = 500  # merge-log entries kept on a profile for its web view (the topic has them all)
+
+
+class State(Protocol):
+    """One partition's records; the caller makes a batch of changes durable at once."""
+
+    def get(self, key: str) -> Record | None: ...
+
+    def put(self, key: str, value: Record) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An event with the profile it resolved to."""
+
+    profile_id: str
+    identifiers: list[dict[str, str]]
+    event: RawEvent
+
+
+@dataclass
+class Outputs:
+    """What handling commands produced: commands for other owners, resolved events, merge-log entries."""
+
+    commands: list[tuple[str, Command]] = field(default_factory=list)
+    resolved: list[Resolved] = field(default_factory=list)
+    log: list[MergeLogEntry] = field(default_factory=list)
+
+    def send(self, key: str, command: Command) -> None:
+        self.commands.append((key, command))
+
+
+def profile_id_for(message_id: str, created_at: int) -> str:
+    """Derived from the creating event, so a replay creates the same id; sorts by creation time, then hash."""
+    return f"p-{max(created_at, 0):013d}-{hashlib.sha1(message_id.encode()).hexdigest()[:16]}"
+
+
+def identifier_key(type_: str, value: str) -> str:
+    """The Kafka key (and so the owner partition) of an identifier."""
+    return f"{type_}:{value}"
+
+
+def identifier_record(type_: str, value: str) -> str:
+    return f"i|{type_}|{value}"
+
+
+def profile_record(profile_id: str) -> str:
+    return f"p|{profile_id}"
+
+
+def saga_record(message_id: str) -> str:
+    return f"e|{message_id}"
+
+
+def event_command(event: RawEvent) -> Command:
+    """The command an event from cdp.events.raw becomes (its owner is its messageId's partition)."""
+    return {"kind": "event", "event": event}
+
+
+class IdentityProtocol:
+    """The handlers; `handle` applies one command to the owner's state and collects what it causes."""
+
+    def __init__(self, rules: IdentityRules) -> None:
+        self.rules = rules
+
+    def handle(self, command: Command, state: State, out: Outputs) -> None:
+        handler = _HANDLERS.get(command.get("kind", ""))
+        if handler is None:
+            raise ValueError(f"unknown identity command kind {command.get('kind')!r}")
+        handler(self, command, state, out)
+
+    # -- the event's saga, at the messageId's owner ---------------------------------------------------------
+
+    def _on_event(self, command: Command, state: State, out: Outputs) -> None:
+        event: RawEvent = command["event"]
+        message_id, at = event["message_id"], int(event["timestamp"])
+        if state.get(saga_record(message_id)) is not None:
+            return  # already under way (the same event re-read)
+        extracted = [i for i in extract(event, self.rules) if not i.blocked]
+        linkable, demoted = self._within_limits([(i.type, i.value) for i in extracted])
+        saga: Record = {
+            "event": event,
+            "at": at,
+            "pid": profile_id_for(message_id, at),
+            "all": [[i.type, i.value] for i in extracted],
+            "ids": [list(i) for i in linkable],
+            "holders": [None] * len(linkable),
+            "fresh": [],
+            "step": 0,
+            "current": None,
+            "joined": [],
+            "refused": {},
+            "demoted": demoted,
+        }
+        if not linkable:  # nothing links (all blocked): a profile of its own
+            out.send(saga["pid"], {"kind": "create", "profile": saga["pid"], "at": at, "ids": [], "message_id": message_id})
+            saga["current"] = saga["pid"]
+            self._finish(saga, state, out)
+            return
+        for index, (type_, value) in enumerate(linkable):
+            out.send(
+                identifier_key(type_, value),
+                {"kind": "claim", "message_id": message_id, "index": index, "type": type_, "value": value, "candidate": saga["pid"]},
+            )
+        state.put(saga_record(message_id), saga)
+
+    def _within_limits(self, identifiers: Sequence[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[list[str]]]:
+        """An event alone can't break a rule: beyond a type's limit or the identifier cap, the rest is demoted."""
+        kept: list[tuple[str, str]] = []
+        demoted: list[list[str]] = []
+        per_type: dict[str, int] = {}
+        for type_, value in identifiers:
+            limit = self.rules.rule(type_).limit
+            if per_type.get(type_, 0) >= limit.count:
+                demoted.append([type_, value, self.rules.describe_limit(type_)])
+            elif len(kept) >= self.rules.max_identifiers:
+                demoted.append([type_, value, f"max_identifiers {self.rules.max_identifiers}"])
+            else:
+                per_type[type_] = per_type.get(type_, 0) + 1
+                kept.append((type_, value))
+        return kept, demoted
+
+    def _on_claimed(self, command: Command, state: State, out: Outputs) -> None:
+        saga = state.get(saga_record(command["message_id"]))
+        index = command["index"]
+        if saga is None or saga["step"] != 0 or saga["holders"][index] is not None:
+            return  # an answer delivered twice
+        saga["holders"][index] = command["holder"]
+        if command["fresh"]:
+            saga["fresh"].append(index)
+        if any(holder is None for holder in saga["holders"]):
+            state.put(saga_record(command["message_id"]), saga)
+            return
+        if saga["fresh"]:
+            ids = [[*saga["ids"][i], saga["at"]] for i in sorted(saga["fresh"])]
+            message_id = command["message_id"]
+            out.send(saga["pid"], {"kind": "create", "profile": saga["pid"], "at": saga["at"], "ids": ids, "message_id": message_id})
+        saga["current"], saga["step"] = saga["holders"][0], 1
+        self._advance(saga, state, out)
+
+    def _advance(self, saga: Record, state: State, out: Outputs) -> None:
+        """Join the next identifier's profile into the event's, or finish when none is left."""
+        message_id = saga["event"]["message_id"]
+        while saga["step"] < len(saga["ids"]):
+            holder = saga["holders"][saga["step"]]
+            if holder == saga["current"] or holder in saga["joined"]:
+                saga["step"] += 1
+            elif holder in saga["refused"]:
+                saga["demoted"].append([*saga["ids"][saga["step"]], saga["refused"][holder]])
+                saga["step"] += 1
+            else:
+                request = f"{message_id}#{saga['step']}"
+                link = [saga["ids"][0], saga["ids"][saga["step"]]]
+                join = {"kind": "join", "request": request, "message_id": message_id, "a": saga["current"], "b": holder,
+                        "at": saga["at"], "link": link}  # fmt: skip
+                out.send(max(saga["current"], holder), join)
+                state.put(saga_record(message_id), saga)
+                return
+        self._finish(saga, state, out)
+
+    def _on_joined(self, command: Command, state: State, out: Outputs) -> None:
+        saga = state.get(saga_record(command["message_id"]))
+        if saga is None or saga["step"] == 0 or command["request"] != f"{command['message_id']}#{saga['step']}":
+            return  # an answer delivered twice
+        holder = saga["holders"][saga["step"]]
+        if command["accepted"]:
+            saga["joined"].extend([holder, saga["current"]])
+            saga["current"] = command["root"]
+        else:
+            saga["refused"][holder] = command["rule"]
+            saga["demoted"].append([*saga["ids"][saga["step"]], command["rule"]])
+        saga["step"] += 1
+        self._advance(saga, state, out)
+
+    def _finish(self, saga: Record, state: State, out: Outputs) -> None:
+        event, profile_id = saga["event"], saga["current"]
+        identifiers = [{"type": t, "value": v} for t, v in saga["all"]]
+        out.resolved.append(Resolved(profile_id, identifiers, event))
+        for type_, value, rule in saga["demoted"]:
+            out.log.append(_entry("demoted", profile_id, None, [[type_, value]], event["message_id"], saga["at"], rule))
+        state.delete(saga_record(event["message_id"]))
+
+    # -- identifiers, at the identifier's owner ---------------------------------------------------------------
+
+    def _on_claim(self, command: Command, state: State, out: Outputs) -> None:
+        key = identifier_record(command["type"], command["value"])
+        record = state.get(key)
+        if record is None:
+            record = {"p": command["candidate"]}
+            state.put(key, record)
+        answer = {"kind": "claimed", "message_id": command["message_id"], "index": command["index"], "holder": record["p"],
+                  "fresh": record["p"] == command["candidate"]}  # fmt: skip
+        out.send(command["message_id"], answer)
+
+    def _on_repoint(self, command: Command, state: State, out: Outputs) -> None:
+        """After a merge: point straight at the survivor (older wins, so late repoints can't go backwards)."""
+        key = identifier_record(command["type"], command["value"])
+        record = state.get(key)
+        if record is not None and command["profile"] < record["p"]:
+            state.put(key, {"p": command["profile"]})
+
+    # -- profiles, at the profile's owner ---------------------------------------------------------------------
+
+    def _on_create(self, command: Command, state: State, out: Outputs) -> None:
+        key = profile_record(command["profile"])
+        record = state.get(key)
+        if record is not None and record["status"] != "expected":
+            return  # created already
+        queued = record["queue"] if record is not None else []
+        state.put(key, {"status": "live", "created_at": command["at"], "ids": command["ids"], "merges": 0, "merged_from": [],
+                        "into": None, "lock": None, "queue": [], "log": []})  # fmt: skip
+        self._drain(key, queued, state, out)
+
+    def _on_join(self, command: Command, state: State, out: Outputs) -> None:
+        """At the younger profile: lock it and offer it to the older one, or wait, or follow its merge."""
+        young, old = max(command["a"], command["b"]), min(command["a"], command["b"])
+        if young == old:
+            self._answer(command, accepted=True, root=old, rule="already joined", out=out)
+            return
+        key = profile_record(young)
+        record = self._record(key, state)
+        if record["status"] == "merged":
+            moved = {**command, "a": record["into"], "b": old}
+            out.send(max(record["into"], old), moved)
+            return
+        if record["status"] == "expected" or record["lock"] is not None:
+            if record["lock"] != command["request"]:
+                record["queue"].append(command)
+                state.put(key, record)
+            return
+        record["lock"] = command["request"]
+        state.put(key, record)
+        summary = {"ids": record["ids"], "merges": record["merges"], "merged_from": record["merged_from"], "log": record["log"]}
+        out.send(old, {**command, "kind": "offer", "young": young, "old": old, "summary": summary})
+
+    def _on_offer(self, command: Command, state: State, out: Outputs) -> None:
+        """At the older profile: the single place that decides whether the younger one may join it."""
+        memo = state.get(f"d|{command['request']}")
+        if memo is not None:
+            self._reply_offer(command, memo, out)
+            return
+        key = profile_record(command["old"])
+        record = self._record(key, state)
+        if record["status"] == "merged":
+            out.send(record["into"], {**command, "old": record["into"]})
+            return
+        if record["status"] == "expected" or record["lock"] is not None:
+            record["queue"].append(command)
+            state.put(key, record)
+            return
+        summary, survivor, young = command["summary"], command["old"], command["young"]
+        attach = young == profile_id_for(command["message_id"], command["at"]) and not summary["merged_from"]
+        merges = record["merges"] + (0 if attach else 1 + summary["merges"])
+        rule = self.rules.broken_rule(record["ids"], summary["ids"], merges, command["at"])
+        if rule is None:
+            rule = "new identifiers" if attach else "identifier match"
+            entry = _entry("merged", survivor, young, command["link"], command["message_id"], command["at"], rule)
+            held = {(t, v) for t, v, _ in record["ids"]}
+            record["ids"] = record["ids"] + [i for i in summary["ids"] if (i[0], i[1]) not in held]
+            record["merges"] = merges
+            record["merged_from"] = record["merged_from"] + ([] if attach else [young]) + summary["merged_from"]
+            record["log"] = (record["log"] + summary["log"] + [entry])[-LOG_KEPT:]
+            for type_, value, _ in summary["ids"]:
+                out.send(identifier_key(type_, value), {"kind": "repoint", "type": type_, "value": value, "profile": survivor})
+            memo = {"accepted": True, "root": survivor, "rule": rule, "entry": entry}
+        else:
+            entry = _entry("refused", survivor, young, command["link"], command["message_id"], command["at"], rule)
+            record["log"] = (record["log"] + [entry])[-LOG_KEPT:]
+            memo = {"accepted": False, "root": survivor, "rule": rule, "entry": entry}
+        out.log.append(entry)
+        state.put(key, record)
+        state.put(f"d|{command['request']}", memo)
+        self._reply_offer(command, memo, out)
+
+    def _reply_offer(self, command: Command, memo: Record, out: Outputs) -> None:
+        out.send(command["young"], {"kind": "offered", "request": command["request"], "message_id": command["message_id"],
+                                    "young": command["young"], **memo})  # fmt: skip
+
+    def _on_offered(self, command: Command, state: State, out: Outputs) -> None:
+        """Back at the younger profile: merged (a pointer now) or refused (free again); then serve its queue."""
+        key = profile_record(command["young"])
+        record = state.get(key)
+        if record is None or record["lock"] != command["request"]:
+            return  # an answer delivered twice
+        record["lock"] = None
+        if command["accepted"]:
+            record.update(status="merged", into=command["root"], ids=[], log=[])
+        else:
+            record["log"] = (record["log"] + [command["entry"]])[-LOG_KEPT:]
+        queued, record["queue"] = record["queue"], []
+        state.put(key, record)
+        self._answer(command, accepted=command["accepted"], root=command["root"], rule=command["rule"], out=out)
+        self._drain(key, queued, state, out)
+
+    def _answer(self, command: Command, *, accepted: bool, root: str, rule: str, out: Outputs) -> None:
+        out.send(command["message_id"], {"kind": "joined", "request": command["request"], "message_id": command["message_id"],
+                                         "accepted": accepted, "root": root, "rule": rule})  # fmt: skip
+
+    def _record(self, key: str, state: State) -> Record:
+        """A profile's record; one not created yet is `expected`: what it is asked waits in its queue."""
+        record = state.get(key)
+        return record if record is not None else {"status": "expected", "lock": None, "queue": []}
+
+    def _drain(self, key: str, queued: list[Command], state: State, out: Outputs) -> None:
+        for command in queued:  # in arrival order; one may lock the profile again and queue the rest anew
+            self.handle(command, state, out)
+
+
+_HANDLERS = {
+    "event": IdentityProtocol._on_event,
+    "claim": IdentityProtocol._on_claim,
+    "claimed": IdentityProtocol._on_claimed,
+    "create": IdentityProtocol._on_create,
+    "join": IdentityProtocol._on_join,
+    "offer": IdentityProtocol._on_offer,
+    "offered": IdentityProtocol._on_offered,
+    "joined": IdentityProtocol._on_joined,
+    "repoint": IdentityProtocol._on_repoint,
+}
+
+
+def _entry(kind: str, survivor: str, merged: str | None, identifiers: Sequence[Sequence[str]], message_id: str, at: int,
+           rule: str) -> MergeLogEntry:  # fmt: skip
+    unique = list(dict.fromkeys((t, v) for t, v in identifiers))
+    return MergeLogEntry(
+        kind=kind,  # type: ignore[typeddict-item]
+        survivor_profile_id=survivor,
+        merged_profile_id=merged,
+        identifiers=[{"type": t, "value": v} for t, v in unique],
+        message_id=message_id,
+        timestamp=at,
+        rule=rule,
+    )
