@@ -184,7 +184,8 @@ class Read:
 
 
 def read_topic(bootstrap: str, topic: str, *, until: Callable[[list[Read]], bool], timeout: float, decode: bool = True) -> list[Read]:
-    schema = "dead_letter" if topic.endswith("dead-letter") else "raw_event"
+    schemas = {"dead-letter": "dead_letter", "resolved": "resolved_event", "merges": "merge_log_entry"}
+    schema = next((name for suffix, name in schemas.items() if topic.endswith(suffix)), "raw_event")
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}", "enable.auto.commit": False})
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions

@@ -78,9 +78,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if args.web_port is not None:
         settings = replace(settings, web_port=args.web_port)
     from topology.admin import check_copartitioned
-    from topology.topics import EVENTS_ACCEPTED, EVENTS_RAW
+    from topology.topics import EVENTS_ACCEPTED, EVENTS_RAW, IDENTITY_COMMANDS, IDENTITY_STATE
 
-    check_copartitioned(settings, ((EVENTS_ACCEPTED, EVENTS_RAW),))
+    check_copartitioned(settings, ((EVENTS_ACCEPTED, EVENTS_RAW), (EVENTS_RAW, IDENTITY_COMMANDS), (EVENTS_RAW, IDENTITY_STATE)))
     _use_uvloop()
     graph = build(settings)
     worker = faust.Worker(graph.app, loglevel=args.loglevel)

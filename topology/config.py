@@ -61,6 +61,7 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path.home() / ".local" / "share" / "cdp")
     ingest_port: int = 8080
     web_port: int = 6066
+    web_host: str = "127.0.0.1"  # how other workers reach this one's web views (CDP_WEB_HOST)
     admin_token: str | None = None
     kafka_runtime: Path | None = None  # where the local broker's jars are cached; None: data_dir/kafka-runtime
     config_path: Path | None = None
@@ -87,6 +88,8 @@ class Settings:
             overrides["data_dir"] = Path(env["CDP_DATA_DIR"])
         if env.get("CDP_KAFKA_RUNTIME_DIR"):
             overrides["kafka_runtime"] = Path(env["CDP_KAFKA_RUNTIME_DIR"])
+        if env.get("CDP_WEB_HOST"):
+            overrides["web_host"] = env["CDP_WEB_HOST"]
         if env.get("CDP_ADMIN_TOKEN"):
             overrides["admin_token"] = env["CDP_ADMIN_TOKEN"]
         for name, key in (("ingest_port", "CDP_INGEST_PORT"), ("web_port", "CDP_WEB_PORT")):

@@ -4,8 +4,10 @@ Read this file first. `STAGES` is the graph as data (what `cdp topology` prints)
 edges into a Faust app for a worker, and `ingest_server()` builds the HTTP ingest. Only stages that work are
 wired; the other topics of the product are declared in topology/topics.py and created by `cdp topics`.
 
-    HTTP /v1/* ──▶ ingest ──▶ cdp.events.accepted ──▶ dedup ──▶ cdp.events.raw ──▶ (identity: next)
-                                                         └──▶ cdp.events.dead-letter
+    HTTP /v1/* ──▶ ingest ──▶ cdp.events.accepted ──▶ dedup ──▶ cdp.events.raw ──▶ identity ──▶ cdp.events.resolved
+                                                         └──▶ cdp.events.dead-letter     │  ▲   └──▶ cdp.identity.merges
+                                                                 cdp.identity.commands ──┘  │        (state: cdp.identity.state)
+                                                                                └───────────┘
 """
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import Settings
 from topology.dedup_stage import DedupStage
 from topology.http import IngestServer
+from topology.identity_stage import IdentityCodecs, IdentityStage, IdentityTopics
+from topology.identity_views import HOPS_HEADER, IdentityViews
 from topology.metrics import Metric, process_cpu, render
 from topology.producer import AsyncProducer, producer_config
-from topology.topics import ALL_TOPICS, EVENTS_ACCEPTED, EVENTS_DEAD_LETTER, EVENTS_RAW, TopicSpec
+from agents.identity.protocol import IdentityProtocol
+from topology.topics import (
+    ALL_TOPICS, EVENTS_ACCEPTED, EVENTS_DEAD_LETTER, EVENTS_RAW, EVENTS_RESOLVED, IDENTITY_COMMANDS, IDENTITY_MERGES,
+    IDENTITY_STATE, TopicSpec,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,12 @@ STAGES: tuple[StageSpec, ...] = (
         "dedup", "cdp worker (Faust agent 'dedup')", (EVENTS_ACCEPTED,), (EVENTS_RAW, EVENTS_DEAD_LETTER),
         ("seen-by-message-id: RocksDB per partition, changelog = events.raw",),
         "first sighting of each messageId within ingest.dedup_window passes, to the same partition number",
+    ),
+    StageSpec(
+        "identity", "cdp worker (Faust agent 'identity')", (EVENTS_RAW, IDENTITY_COMMANDS),
+        (EVENTS_RESOLVED, IDENTITY_MERGES, IDENTITY_COMMANDS, IDENTITY_STATE, EVENTS_DEAD_LETTER),
+        ("identifiers, profiles, sagas: RocksDB per partition, changelog = identity.state",),
+        "resolves every identifier to one profile; owners per identifier/profile/event talk over identity.commands",
     ),
 )  # fmt: skip
 
@@ -82,6 +96,7 @@ class Graph:
 
     app: faust.App
     dedup: DedupStage
+    identity: IdentityStage
 
 
 def worker_data_dir(settings: Settings) -> Path:
@@ -106,6 +121,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_commit_interval=1.0,
         broker_session_timeout=15.0,  # a dead worker's partitions move after 15 s, not Faust's 60 s
         web_port=settings.web_port,
+        canonical_url=f"http://{settings.web_host}:{settings.web_port}",  # what other workers call for views
         web_tables_enabled=False,
         topic_allow_declare=False,  # topics come from `cdp topics`, with our partition counts
         topic_disable_leader=True,  # no leader-only timers yet: no __assignor-__leader topic
@@ -133,17 +149,39 @@ def build(settings: Settings) -> Graph:
         producer=producer,
     )
     app.agent(accepted, name="dedup")(dedup.run)
+    identity = _identity_stage(app, settings, codecs, producer)
+    views = IdentityViews(identity, IDENTITY_COMMANDS.partition_count(settings), app.assignor.external_topics_metadata)
 
-    def partitions(tps: Any) -> set[int]:
-        return {tp.partition for tp in tps if tp.topic == accepted.get_topic_name()}
+    def partitions(tps: Any, topic: str) -> set[int]:
+        return {tp.partition for tp in tps if tp.topic == topic}
 
     @app.on_partitions_revoked.connect
     async def _stop_writing_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
-        dedup.on_partitions_revoked(partitions(revoked))
+        dedup.on_partitions_revoked(partitions(revoked, accepted.get_topic_name()))
+        identity.on_partitions_revoked(partitions(revoked, identity.topics.commands))
 
     @app.on_partitions_assigned.connect
     async def _catch_up_on_assignment(sender: Any, assigned: Any, **kwargs: Any) -> None:
-        dedup.on_partitions_assigned(partitions(assigned))
+        dedup.on_partitions_assigned(partitions(assigned, accepted.get_topic_name()))
+        identity.on_partitions_assigned(partitions(assigned, identity.topics.commands))
+
+    def hops(request: Any) -> int:
+        return int(request.headers.get(HOPS_HEADER, "0") or 0)
+
+    @app.page("/v1/identifiers/{type}/{value}")
+    async def _identifier(web: Any, request: Any, type: str, value: str) -> Any:
+        status, body = await views.identifier(type, value, hops(request))
+        return web.json(body, status=status)
+
+    @app.page("/v1/profiles/{profile_id}")
+    async def _profile(web: Any, request: Any, profile_id: str) -> Any:
+        status, body = await views.profile(profile_id, hops(request), merges=False)
+        return web.json(body, status=status)
+
+    @app.page("/v1/profiles/{profile_id}/merges")
+    async def _profile_merges(web: Any, request: Any, profile_id: str) -> Any:
+        status, body = await views.profile(profile_id, hops(request), merges=True)
+        return web.json(body, status=status)
 
     @app.page("/health")
     async def _health(web: Any, request: Any) -> Any:
@@ -160,10 +198,44 @@ def build(settings: Settings) -> Graph:
             applied, highwater = dedup.applied_offset(tp.partition), app.consumer.highwater(tp)
             if tp.topic == accepted.get_topic_name() and applied is not None and highwater is not None:
                 lag.add(max(highwater - applied, 0), stage="dedup", topic=tp.topic, partition=str(tp.partition))
+        for tp in sorted(app.consumer.assignment()):
+            applied, highwater = identity.applied_offset(tp.partition, tp.topic), app.consumer.highwater(tp)
+            if tp.topic in (identity.topics.raw, identity.topics.commands) and applied is not None and highwater is not None:
+                lag.add(max(highwater - applied, 0), stage="identity", topic=tp.topic, partition=str(tp.partition))
         caught_up = Metric("cdp_dedup_caught_up_total", "counter", "sightings read back from the raw topic")
-        return web.text(render([events, lag, caught_up.add(counters.caught_up), process_cpu()]))
+        ident = Metric("cdp_identity_total", "counter", "identity stage work, by what was done")
+        for name, count in vars(identity.counters).items():
+            ident.add(count, what=name)
+        return web.text(render([events, lag, caught_up.add(counters.caught_up), ident, process_cpu()]))
 
-    return Graph(app=app, dedup=dedup)
+    return Graph(app=app, dedup=dedup, identity=identity)
+
+
+def _identity_stage(app: faust.App, settings: Settings, codecs: Codecs, producer: _LazyProducer) -> IdentityStage:
+    """The identity agent: one stream over events.raw and identity.commands (co-partitioned, one store each)."""
+    topics = IdentityTopics(
+        raw=EVENTS_RAW.name(settings), commands=IDENTITY_COMMANDS.name(settings), state=IDENTITY_STATE.name(settings),
+        resolved=EVENTS_RESOLVED.name(settings), merges=IDENTITY_MERGES.name(settings),
+        dead_letter=EVENTS_DEAD_LETTER.name(settings),
+    )  # fmt: skip
+    stage = IdentityStage(
+        topics=topics,
+        codecs=IdentityCodecs(
+            raw=codecs.for_topic(EVENTS_RAW), command=codecs.for_topic(IDENTITY_COMMANDS), state=codecs.for_topic(IDENTITY_STATE),
+            resolved=codecs.for_topic(EVENTS_RESOLVED), merges=codecs.for_topic(IDENTITY_MERGES),
+            dead_letter=codecs.for_topic(EVENTS_DEAD_LETTER),
+        ),  # fmt: skip
+        protocol=IdentityProtocol(settings.identity),
+        store_dir=worker_data_dir(settings) / "identity",
+        bootstrap=settings.kafka_bootstrap,
+        producer=producer,
+    )
+    channel = app.topic(
+        topics.raw, topics.commands, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+        partitions=EVENTS_RAW.partition_count(settings),
+    )  # fmt: skip
+    app.agent(channel, name="identity")(stage.run)
+    return stage
 
 
 class _LazyProducer:

@@ -44,6 +44,14 @@ EVENTS_DEAD_LETTER = TopicSpec(
 )  # fmt: skip
 EVENTS_RESOLVED = TopicSpec("events.resolved", "resolved_event", "profile_id", "events with their canonical profile")
 IDENTITY_MERGES = TopicSpec("identity.merges", "merge_log_entry", "survivor profile_id", "the merge log")
+IDENTITY_COMMANDS = TopicSpec(
+    "identity.commands", "identity_command", "owner key",
+    "the identity protocol's messages between owners; same partition count as events.raw",
+)  # fmt: skip
+IDENTITY_STATE = TopicSpec(
+    "identity.state", "identity_state", "record key", "changelog of the identity stores, partition by partition",
+    compacted=True,
+)  # fmt: skip
 PROFILE_CHANGES = TopicSpec("profile.changes", "profile_change", "profile_id", "trait changes, only on change")
 AUDIENCE_MEMBERSHIP = TopicSpec(
     "audience.membership", "audience_membership_change", "profile_id", "audience entered/exited, once per change"
@@ -56,6 +64,6 @@ DEFINITIONS = TopicSpec(
 )  # fmt: skip
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
-    EVENTS_ACCEPTED, EVENTS_RAW, EVENTS_DEAD_LETTER, EVENTS_RESOLVED, IDENTITY_MERGES,
+    EVENTS_ACCEPTED, EVENTS_RAW, EVENTS_DEAD_LETTER, EVENTS_RESOLVED, IDENTITY_MERGES, IDENTITY_COMMANDS, IDENTITY_STATE,
     PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, SYNC_OUTCOMES, SYNC_DEAD_LETTER, DEFINITIONS,
 )  # fmt: skip

@@ -1,0 +1,307 @@
+"""The identity stage on a Faust stream: the protocol's owners, one RocksDB store per partition, Kafka between them.
+
+One agent reads cdp.events.raw (key messageId) and cdp.identity.commands (key: the owner's key) with the same
+partition count, so partition N of both lands on one worker and shares store N. Per batch and partition:
+  1. catch up the store from its changelog partition (cdp.identity.state) if the partition was (re)assigned,
+     and re-send an outbox a crash left behind;
+  2. apply every input not applied yet (an input watermark per topic lives in the state) through the protocol,
+     dead-lettering what does not decode or is not a valid command;
+  3. write the changes *and the outputs as an outbox record* to the changelog, wait for the acks, apply locally;
+  4. write the outputs (commands, resolved events, merge-log entries), wait, then delete the outbox.
+A SIGKILL before 3 re-reads the inputs (nothing was decided); after 3 the watermark skips them and step 1
+re-sends the outbox, whose commands the protocol's handlers take idempotently. So nothing is lost, and an event
+is never resolved twice to different profiles: its decision is in the changelog before anything leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from agents.errors import DeliveryFailed, InvalidMessage, UndecodableError
+from agents.identity.protocol import IdentityProtocol, Outputs, Resolved, event_command
+from topology.codecs import AvroCodec
+from topology.dead_letters import dead_letter
+from topology.identity_store import IdentityStore, Transaction
+from topology.producer import AsyncProducer, Record
+
+log = logging.getLogger(__name__)
+OUTBOX = "o|pending"
+CATCH_UP_CHUNK = 20_000
+MAX_BACKOFF_S = 5.0
+
+
+@dataclass(frozen=True)
+class IdentityTopics:
+    raw: str
+    commands: str
+    state: str
+    resolved: str
+    merges: str
+    dead_letter: str
+
+
+@dataclass(frozen=True)
+class IdentityCodecs:
+    raw: AvroCodec
+    command: AvroCodec
+    state: AvroCodec
+    resolved: AvroCodec
+    merges: AvroCodec
+    dead_letter: AvroCodec
+
+
+@dataclass
+class IdentityCounters:
+    """What the stage did since start; served on /metrics."""
+
+    events: int = 0
+    resolved: int = 0
+    commands: int = 0
+    merged: int = 0
+    refused: int = 0
+    demoted: int = 0
+    dead_lettered: int = 0
+    caught_up: int = 0
+
+
+class IdentityStage:
+    """One instance per worker process; owns an IdentityStore per assigned partition."""
+
+    def __init__(
+        self,
+        *,
+        topics: IdentityTopics,
+        codecs: IdentityCodecs,
+        protocol: IdentityProtocol,
+        store_dir: Path,
+        bootstrap: str,
+        producer: Callable[[], AsyncProducer],
+        batch_size: int = 2_000,
+        batch_within: float = 0.02,
+    ) -> None:
+        self.topics, self.codecs, self.protocol = topics, codecs, protocol
+        self.store_dir, self.bootstrap = store_dir, bootstrap
+        self._producer = producer
+        self.batch_size, self.batch_within = batch_size, batch_within
+        self.counters = IdentityCounters()
+        self._stores: dict[int, IdentityStore] = {}
+        self._stale: set[int] = set()
+
+    # -- partitions --------------------------------------------------------------------------------------------
+
+    def on_partitions_assigned(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            self._open_store(partition)
+        self._stale |= partitions
+
+    def on_partitions_revoked(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            store = self._stores.pop(partition, None)
+            if store is not None:
+                store.close()
+        self._stale |= partitions
+
+    def readable_store(self, partition: int) -> IdentityStore | None:
+        """The store of a partition this worker owns and has caught up, for the web views; else None."""
+        return None if partition in self._stale else self._stores.get(partition)
+
+    def applied_offset(self, partition: int, topic: str) -> int | None:
+        store = self.readable_store(partition)
+        if store is None:
+            return None
+        mark = store.get(f"w|{'raw' if topic == self.topics.raw else 'commands'}")
+        return 0 if mark is None else int(mark["next"])
+
+    # -- the agent ---------------------------------------------------------------------------------------------
+
+    async def run(self, stream: AsyncIterable[Any]) -> None:
+        """The Faust agent body: batches of events from both topics, each partition's share in arrival order."""
+        async for events in stream.take_events(self.batch_size, within=self.batch_within):  # type: ignore[attr-defined]
+            by_partition: dict[int, list[Any]] = defaultdict(list)
+            for event in events:
+                by_partition[event.message.partition].append(event)
+            await asyncio.gather(*(self._process_until_written(p, batch) for p, batch in by_partition.items()))
+
+    async def _process_until_written(self, partition: int, events: Sequence[Any]) -> None:
+        """Retry until Kafka takes it: giving up would let Faust commit inputs whose effects were lost."""
+        backoff = 0.1
+        while True:
+            try:
+                await self._process(partition, events)
+                return
+            except DeliveryFailed as exc:
+                log.warning("identity: partition %d: %s; retrying in %.1fs", partition, exc, backoff)
+            except Exception:  # a bug must stall the partition visibly, not let Faust ack the batch away
+                log.exception("identity: partition %d: batch failed; retrying in %.1fs", partition, backoff)
+            self._stale.add(partition)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def _process(self, partition: int, events: Sequence[Any]) -> None:
+        store = await self._ready_store(partition)
+        tx = Transaction(store)
+        out = Outputs()
+        letters: list[Record] = []
+        applied = 0
+        for event in events:
+            message = event.message
+            mark = "raw" if message.topic == self.topics.raw else "commands"
+            watermark = tx.get(f"w|{mark}")
+            if watermark is not None and message.offset < watermark["next"]:
+                continue  # applied before a crash: its effects are in the store already
+            try:
+                self._apply(mark, message.value, tx, out)
+            except (UndecodableError, InvalidMessage) as exc:
+                letter = dead_letter(stage="identity", error=exc, topic=message.topic, partition=partition,
+                                     offset=message.offset, key=message.key, value=message.value)  # fmt: skip
+                letters.append(Record(self.topics.dead_letter, message.key, self.codecs.dead_letter.encode(letter)))
+            tx.put(f"w|{mark}", {"next": message.offset + 1})
+            applied += 1
+            self.counters.events += mark == "raw"
+            self.counters.commands += mark == "commands"
+        if not applied:
+            return
+        if letters:  # at-least-once, before the changelog: a crash may write one twice, never lose one
+            await self._producer().write_all(letters)
+            self.counters.dead_lettered += len(letters)
+        outbox = _outbox(out)
+        tx.put(OUTBOX, outbox)
+        await self._commit(partition, store, tx.changes)
+        await self._send_outbox(partition, store, outbox)
+
+    def _apply(self, mark: str, value: bytes | None, tx: Transaction, out: Outputs) -> None:
+        """One input through the protocol, all or nothing: a command that fails leaves no half-made change."""
+        if value is None:
+            raise UndecodableError("empty record (no value)")
+        if mark == "raw":
+            command = event_command(self.codecs.raw.decode(value))  # type: ignore[arg-type]
+        else:
+            command = self.codecs.command.decode(value)["body"]
+        attempt, attempt_out = Transaction(tx), Outputs()  # type: ignore[arg-type]
+        try:
+            self.protocol.handle(command, attempt, attempt_out)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InvalidMessage(f"not a valid identity {command.get('kind', '?')} command: {exc!r}") from exc
+        tx.changes.update(attempt.changes)
+        out.commands.extend(attempt_out.commands)
+        out.resolved.extend(attempt_out.resolved)
+        out.log.extend(attempt_out.log)
+
+    async def _commit(self, partition: int, store: IdentityStore, changes: dict[str, bytes | None]) -> None:
+        """Changes to the changelog, then (acknowledged) to the local store with the offset they reach."""
+        records = [
+            Record(self.topics.state, key.encode(), None if value is None else self.codecs.state.encode({"record": orjson.loads(value)}), partition)
+            for key, value in changes.items()
+        ]
+        written = await self._producer().write_all(records)
+        offsets = [w.offset for w in written]
+        expected = store.changelog_next
+        if expected is not None and min(offsets) != expected:
+            # Someone else wrote this changelog partition since we caught up (an owner cut off by a rebalance).
+            raise DeliveryFailed(f"{self.topics.state}[{partition}] moved from {expected} to {min(offsets)} under us")
+        store.apply(changes, max(offsets) + 1)
+
+    async def _send_outbox(self, partition: int, store: IdentityStore, outbox: dict[str, Any]) -> None:
+        records: list[Record] = []
+        for key, command in outbox["commands"]:
+            records.append(Record(self.topics.commands, key.encode(), self.codecs.command.encode({"kind": command["kind"], "body": command})))
+        for profile_id, identifiers, event in outbox["resolved"]:
+            value = self.codecs.resolved.encode({"profile_id": profile_id, "identifiers": identifiers, "event": event})
+            records.append(Record(self.topics.resolved, profile_id.encode(), value))
+        for entry in outbox["log"]:
+            records.append(Record(self.topics.merges, entry["survivor_profile_id"].encode(), self.codecs.merges.encode(entry)))
+        if records:
+            await self._producer().write_all(records)
+        await self._commit(partition, store, {OUTBOX: None})
+        self.counters.resolved += len(outbox["resolved"])
+        for entry in outbox["log"]:
+            setattr(self.counters, entry["kind"], getattr(self.counters, entry["kind"]) + 1)
+
+    # -- store recovery ----------------------------------------------------------------------------------------
+
+    def _open_store(self, partition: int) -> IdentityStore:
+        store = self._stores.get(partition)
+        if store is None:
+            store = self._stores[partition] = IdentityStore(self.store_dir / f"{self.topics.state}-{partition}")
+            self._stale.add(partition)
+        return store
+
+    async def _ready_store(self, partition: int) -> IdentityStore:
+        store = self._open_store(partition)
+        if partition in self._stale:
+            try:
+                self.counters.caught_up += await asyncio.to_thread(self._catch_up, partition, store)
+            except KafkaException as exc:
+                raise DeliveryFailed(f"can't read {self.topics.state}[{partition}] to catch up: {exc}") from exc
+            pending = store.get(OUTBOX)
+            if pending is not None:  # a crash came between the changelog and the outputs: send them (again)
+                log.info("identity: partition %d re-sends an outbox of %d commands", partition, len(pending["commands"]))
+                await self._send_outbox(partition, store, pending)
+            self._stale.discard(partition)
+        return store
+
+    def _catch_up(self, partition: int, store: IdentityStore) -> int:
+        """Bring the store to the end of its changelog partition; returns how many records it read."""
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{self.topics.state}.catch-up",
+                             "enable.auto.commit": False, "enable.partition.eof": True})  # fmt: skip
+        try:
+            tp = TopicPartition(self.topics.state, partition)
+            low, high = consumer.get_watermark_offsets(tp, timeout=30)
+            start = store.changelog_next
+            if start is not None and start > high:
+                log.warning("identity: %s[%d] is shorter than the store remembers: topics were recreated; resetting",
+                            self.topics.state, partition)  # fmt: skip
+                store.reset()
+                start = None
+            position = max(start or 0, low)
+            found = 0
+            chunk: dict[str, bytes | None] = {}
+            if position < high:
+                consumer.assign([TopicPartition(self.topics.state, partition, position)])
+            while position < high:
+                for message in consumer.consume(num_messages=10_000, timeout=1.0):
+                    error = message.error()
+                    if error is None:
+                        value = message.value()
+                        record = None if value is None else orjson.dumps(self.codecs.state.decode(value)["record"])
+                        chunk[message.key().decode()] = record
+                        position = message.offset() + 1
+                    elif error.code() == KafkaError._PARTITION_EOF:
+                        position = high
+                    else:
+                        raise KafkaException(error)
+                if len(chunk) >= CATCH_UP_CHUNK or position >= high:
+                    store.apply(chunk, min(position, high))
+                    found += len(chunk)
+                    chunk = {}
+            if store.changelog_next is None:
+                store.apply({}, high)
+            return found
+        finally:
+            consumer.close()
+
+    def close(self) -> None:
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()
+
+
+def _outbox(out: Outputs) -> dict[str, Any]:
+    """The outputs as one JSON record, so they are in the changelog before anything is sent."""
+    return {
+        "commands": [[key, command] for key, command in out.commands],
+        "resolved": [[r.profile_id, r.identifiers, r.event] for r in out.resolved],
+        "log": list(out.log),
+    }
+
+
+__all__ = ["IdentityStage", "IdentityTopics", "IdentityCodecs", "Resolved"]

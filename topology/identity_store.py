@@ -1,0 +1,99 @@
+"""One identity partition's records in RocksDB (rocksdict), mirrored from its partition of cdp.identity.state.
+
+The changelog is the truth, the local store a cache of it: a batch's changes are written to the changelog
+first and applied locally only once Kafka acknowledged them, together with the changelog offset they reach
+(`changelog_next`). A worker that gets a partition, or restarts after a SIGKILL, reads the changelog from that
+offset to its end, so the local store can never be ahead of what another worker would rebuild.
+
+Values are JSON (orjson) for the protocol's records (agents/identity/protocol.py); `Transaction` gives the
+protocol its `State` for one batch: reads fall through to the store, writes collect as encoded changes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rocksdict import Options, Rdict, WriteBatch
+
+_OFFSET = struct.Struct(">Q")
+_CHANGELOG_NEXT = b"\x00changelog"
+
+
+def _options() -> Options:
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    return options
+
+
+class IdentityStore:
+    """The records of one partition; changed only through `apply`, in one atomic batch."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = Rdict(str(path), _options())
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        value = self._db.get(key.encode())
+        return None if value is None else orjson.loads(value)
+
+    def raw(self, key: str) -> bytes | None:
+        value = self._db.get(key.encode())
+        return None if value is None else bytes(value)
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        it = self._db.iter()
+        start = prefix.encode()
+        it.seek(start)
+        while it.valid() and it.key().startswith(start):
+            yield it.key().decode()
+            it.next()
+
+    @property
+    def changelog_next(self) -> int | None:
+        """The first changelog offset not reflected here; None for a store that never read its changelog."""
+        value = self._db.get(_CHANGELOG_NEXT)
+        return None if value is None else _OFFSET.unpack(value)[0]
+
+    def apply(self, changes: Mapping[str, bytes | None], changelog_next: int) -> None:
+        batch = WriteBatch(raw_mode=True)
+        for key, value in changes.items():
+            if value is None:
+                batch.delete(key.encode())
+            else:
+                batch.put(key.encode(), value)
+        batch.put(_CHANGELOG_NEXT, _OFFSET.pack(changelog_next))
+        self._db.write(batch)
+
+    def reset(self) -> None:
+        """Forget everything (the changelog was recreated, so this copy belongs to topics that are gone)."""
+        self._db.close()
+        Rdict.destroy(str(self.path))
+        self._db = Rdict(str(self.path), _options())
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class Transaction:
+    """The protocol's `State` for one batch: reads see the batch's own writes, writes become `changes`."""
+
+    def __init__(self, store: IdentityStore) -> None:
+        self.store = store
+        self.changes: dict[str, bytes | None] = {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        if key in self.changes:
+            value = self.changes[key]
+            return None if value is None else orjson.loads(value)
+        return self.store.get(key)
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self.changes[key] = orjson.dumps(value)
+
+    def delete(self, key: str) -> None:
+        self.changes[key] = None
