@@ -52,6 +52,19 @@ class RawEvent(TypedDict):
     extra: JsonObject
 
 
+class IdentityCommand(TypedDict):
+    """A message between identity owners (agents/identity/protocol.py); cdp.identity.commands, key: owner key."""
+
+    kind: str
+    body: JsonObject
+
+
+class IdentityState(TypedDict):
+    """One record of an identity partition's state; cdp.identity.state (compacted), key: record key."""
+
+    record: JsonObject
+
+
 class DeadLetter(TypedDict):
     """A record a stage gave up on, with the reason and its original bytes; the dead-letter topics."""
 

@@ -181,6 +181,9 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "kind": "merged", "survivor_profile_id": "p-1", "merged_profile_id": "p-2", "identifiers": IDS[1:],
         "message_id": "m-1", "timestamp": T0, "rule": "identifier match",
     },  # fmt: skip
+    "identity_command": {"kind": "claim", "body": {"kind": "claim", "message_id": "m-1", "index": 0, "type": "email",
+                                                   "value": "a@b.io", "candidate": "p-1"}},
+    "identity_state": {"record": {"p": "p-1"}},
     "profile_change": {
         "profile_id": "p-1", "trait": "orders_30d", "origin": "computed", "old_value": None,
         "new_value": {"count": 3}, "timestamp": T0, "message_id": "m-1", "seq": 7,
