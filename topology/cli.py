@@ -165,14 +165,20 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    defaults = {"ingest": 200_000, "dedup": 200_000, "identity": 20_000}  # identity: 6 runs at ~1-3 k events/s
+    events = args.events if args.events is not None else defaults[args.stage]
     if args.stage == "ingest":
         from bench.ingest import run_ingest_bench
 
-        print(run_ingest_bench(settings, events=args.events, batch_size=args.batch_size, out=args.out))
-    else:
+        print(run_ingest_bench(settings, events=events, batch_size=args.batch_size, out=args.out))
+    elif args.stage == "dedup":
         from bench.dedup import run_dedup_bench
 
-        print(run_dedup_bench(settings, events=args.events, out=args.out))
+        print(run_dedup_bench(settings, events=events, out=args.out))
+    else:
+        from bench.identity import run_identity_bench
+
+        print(run_identity_bench(settings, events=events, out=args.out))
     return 0
 
 
@@ -197,8 +203,8 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--concurrency", type=int, default=8)
     generate.add_argument("--rate", type=float, default=0, help="events/s to aim for (0: as fast as possible)")
     bench = sub.add_parser("bench", help="benchmarks; figures as JSON")
-    bench.add_argument("stage", choices=["ingest", "dedup"])
-    bench.add_argument("--events", type=int, default=200_000)
+    bench.add_argument("stage", choices=["ingest", "dedup", "identity"])
+    bench.add_argument("--events", type=int, help="events per run (default 200000; identity 20000)")
     bench.add_argument("--batch-size", type=int, default=100)
     bench.add_argument("--out", type=Path, help="write the JSON report here too")
     return root

@@ -95,20 +95,43 @@ class IdentityStage:
         self.counters = IdentityCounters()
         self._stores: dict[int, IdentityStore] = {}
         self._stale: set[int] = set()
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._assigned: set[int] = set()
 
     # -- partitions --------------------------------------------------------------------------------------------
 
     def on_partitions_assigned(self, partitions: set[int]) -> None:
-        for partition in partitions:
-            self._open_store(partition)
+        """Catch up now, not at the partition's next input: its views must answer and a crash's outbox must go
+        out (the sagas waiting on it) even if no new record ever arrives on it."""
+        self._assigned |= partitions
         self._stale |= partitions
+        for partition in partitions:
+            asyncio.ensure_future(self._warm(partition))
 
     def on_partitions_revoked(self, partitions: set[int]) -> None:
+        """Close the stores once their running batch is done (the partition lock orders close before a reopen)."""
+        self._assigned -= partitions
+        self._stale |= partitions
         for partition in partitions:
-            store = self._stores.pop(partition, None)
+            asyncio.ensure_future(self._close(partition))
+
+    def _lock(self, partition: int) -> asyncio.Lock:
+        return self._locks.setdefault(partition, asyncio.Lock())
+
+    async def _warm(self, partition: int) -> None:
+        async with self._lock(partition):
+            if partition not in self._assigned:
+                return  # revoked meanwhile
+            try:
+                await self._ready_store(partition)
+            except Exception:  # the partition's next batch retries; a warm-up must never kill the worker
+                log.exception("identity: partition %d: catching up on assignment failed; retried with its next batch", partition)
+
+    async def _close(self, partition: int) -> None:
+        async with self._lock(partition):
+            store = self._stores.pop(partition, None) if partition not in self._assigned else None
             if store is not None:
                 store.close()
-        self._stale |= partitions
 
     def readable_store(self, partition: int) -> IdentityStore | None:
         """The store of a partition this worker owns and has caught up, for the web views; else None."""
@@ -136,7 +159,8 @@ class IdentityStage:
         backoff = 0.1
         while True:
             try:
-                await self._process(partition, events)
+                async with self._lock(partition):
+                    await self._process(partition, events)
                 return
             except DeliveryFailed as exc:
                 log.warning("identity: partition %d: %s; retrying in %.1fs", partition, exc, backoff)

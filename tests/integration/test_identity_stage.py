@@ -91,7 +91,13 @@ def resolved_profiles(pipeline: Pipeline, message_ids: list[str], timeout: float
 
 
 def view(port: int, path: str) -> requests.Response:
-    return requests.get(f"http://127.0.0.1:{port}{path}", timeout=30)
+    """A web view's answer; a 503 (its partition is moving between workers) is retried for a while."""
+    deadline = time.monotonic() + 60
+    while True:
+        response = requests.get(f"http://127.0.0.1:{port}{path}", timeout=30)
+        if response.status_code != 503 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.5)
 
 
 def grouping(port: int, identifiers: set[Ident]) -> set[frozenset[Ident]]:
@@ -123,7 +129,7 @@ def test_two_workers_group_a_merge_heavy_stream_like_the_oracle(unlimited: Pipel
 
     commands = unlimited.topic("identity.commands")
     wait_until(lambda: identity_partitions(unlimited.web_port, commands) and identity_partitions(other_port, commands),
-               timeout=30, what="both workers to own identity partitions")  # fmt: skip
+               timeout=90, what="both workers to own identity partitions")  # fmt: skip
     mine, theirs = identity_partitions(unlimited.web_port, commands), identity_partitions(other_port, commands)
     assert mine and theirs and not mine & theirs, (mine, theirs)
     identifiers = {i for ids in stream for i in ids}
