@@ -158,7 +158,7 @@ def build(settings: Settings) -> Graph:
     @app.on_partitions_revoked.connect
     async def _stop_writing_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         dedup.on_partitions_revoked(partitions(revoked, accepted.get_topic_name()))
-        identity.on_partitions_revoked(partitions(revoked, identity.topics.commands))
+        await identity.on_partitions_revoked(partitions(revoked, identity.topics.commands))
 
     @app.on_partitions_assigned.connect
     async def _catch_up_on_assignment(sender: Any, assigned: Any, **kwargs: Any) -> None:

@@ -2,15 +2,17 @@
 
 One agent reads cdp.events.raw (key messageId) and cdp.identity.commands (key: the owner's key) with the same
 partition count, so partition N of both lands on one worker and shares store N. Per batch and partition:
-  1. catch up the store from its changelog partition (cdp.identity.state) if the partition was (re)assigned,
-     and re-send an outbox a crash left behind;
+  1. catch up the store from its changelog partition (cdp.identity.state, read_committed) when the partition is
+     (re)assigned — at once, not at its next input — and re-send an outbox a crash left behind;
   2. apply every input not applied yet (an input watermark per topic lives in the state) through the protocol,
-     dead-lettering what does not decode or is not a valid command;
-  3. write the changes *and the outputs as an outbox record* to the changelog, wait for the acks, apply locally;
-  4. write the outputs (commands, resolved events, merge-log entries), wait, then delete the outbox.
-A SIGKILL before 3 re-reads the inputs (nothing was decided); after 3 the watermark skips them and step 1
-re-sends the outbox, whose commands the protocol's handlers take idempotently. So nothing is lost, and an event
-is never resolved twice to different profiles: its decision is in the changelog before anything leaves.
+     dead-lettering what does not decode;
+  3. write the changes *and the outputs as outbox records* to the changelog in one Kafka transaction (the
+     partition's transactional id fences a previous owner), then apply them locally;
+  4. write the outputs (commands, resolved events, merge-log entries), wait for the acks, delete the outbox.
+A SIGKILL before 3 commits re-reads the inputs (nothing was decided: the transaction is all or nothing); after
+it, the watermark skips them and step 1 re-sends the outbox, whose commands the protocol's handlers take
+idempotently. So nothing is lost, and an event is never resolved twice to different profiles: its decision is
+in the changelog before anything leaves.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from topology.codecs import AvroCodec
 from topology.dead_letters import dead_letter
 from topology.identity_store import IdentityStore, Transaction
 from topology.producer import AsyncProducer, Record
+from topology.transactional import TransactionalWriter
 
 log = logging.getLogger(__name__)
-OUTBOX = "o|pending"
+OUTBOX = "o|"  # outbox records: o|0, o|1, ... each at most OUTBOX_CHUNK_BYTES of JSON
+OUTBOX_CHUNK_BYTES = 256_000  # records stay far below Kafka's 1 MB default message size
 CATCH_UP_CHUNK = 20_000
 MAX_BACKOFF_S = 5.0
 
@@ -97,6 +101,7 @@ class IdentityStage:
         self._stale: set[int] = set()
         self._locks: dict[int, asyncio.Lock] = {}
         self._assigned: set[int] = set()
+        self._writers: dict[int, TransactionalWriter] = {}
 
     # -- partitions --------------------------------------------------------------------------------------------
 
@@ -108,34 +113,49 @@ class IdentityStage:
         for partition in partitions:
             asyncio.ensure_future(self._warm(partition))
 
-    def on_partitions_revoked(self, partitions: set[int]) -> None:
-        """Close the stores once their running batch is done (the partition lock orders close before a reopen)."""
+    async def on_partitions_revoked(self, partitions: set[int]) -> None:
+        """Wait for each partition's running work (batch or warm-up), then drop its store and writer.
+
+        The local copy is deleted, not kept: after a long absence its changelog may have been compacted past
+        tombstones it never saw, and a fresh rebuild from the compacted changelog is always right.
+        """
         self._assigned -= partitions
         self._stale |= partitions
         for partition in partitions:
-            asyncio.ensure_future(self._close(partition))
+            async with self._lock(partition):
+                if partition in self._assigned:
+                    continue  # assigned again meanwhile
+                store = self._stores.pop(partition, None)
+                if store is not None:
+                    store.destroy()
+                writer = self._writers.pop(partition, None)
+                if writer is not None:
+                    writer.close()
 
     def _lock(self, partition: int) -> asyncio.Lock:
         return self._locks.setdefault(partition, asyncio.Lock())
 
     async def _warm(self, partition: int) -> None:
-        async with self._lock(partition):
-            if partition not in self._assigned:
-                return  # revoked meanwhile
-            try:
-                await self._ready_store(partition)
-            except Exception:  # the partition's next batch retries; a warm-up must never kill the worker
-                log.exception("identity: partition %d: catching up on assignment failed; retried with its next batch", partition)
-
-    async def _close(self, partition: int) -> None:
-        async with self._lock(partition):
-            store = self._stores.pop(partition, None) if partition not in self._assigned else None
-            if store is not None:
-                store.close()
+        """Catch up (and re-send a pending outbox) until it works or the partition is gone."""
+        backoff = 0.5
+        while True:
+            async with self._lock(partition):
+                if partition not in self._assigned:
+                    return
+                try:
+                    await self._ready_store(partition)
+                    return
+                except Exception as exc:  # a warm-up must never kill the worker; it retries on its own
+                    log.warning("identity: partition %d: catching up failed (%s); retrying in %.1fs", partition, exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     def readable_store(self, partition: int) -> IdentityStore | None:
         """The store of a partition this worker owns and has caught up, for the web views; else None."""
         return None if partition in self._stale else self._stores.get(partition)
+
+    def owns(self, partition: int) -> bool:
+        return partition in self._assigned
 
     def applied_offset(self, partition: int, topic: str) -> int | None:
         store = self.readable_store(partition)
@@ -197,10 +217,11 @@ class IdentityStage:
         if letters:  # at-least-once, before the changelog: a crash may write one twice, never lose one
             await self._producer().write_all(letters)
             self.counters.dead_lettered += len(letters)
-        outbox = _outbox(out)
-        tx.put(OUTBOX, outbox)
+        chunks = _outbox_chunks(out)
+        for index, chunk in enumerate(chunks):
+            tx.put(f"{OUTBOX}{index}", chunk)
         await self._commit(partition, store, tx.changes)
-        await self._send_outbox(partition, store, outbox)
+        await self._send_outbox(partition, store, chunks)
 
     def _apply(self, mark: str, value: bytes | None, tx: Transaction, out: Outputs) -> None:
         """One input through the protocol, all or nothing: a command that fails leaves no half-made change."""
@@ -214,41 +235,44 @@ class IdentityStage:
         try:
             self.protocol.handle(command, attempt, attempt_out)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise InvalidMessage(f"not a valid identity {command.get('kind', '?')} command: {exc!r}") from exc
+            if mark == "raw":  # an event the protocol can't take (e.g. a field of the wrong type): dead-letter it
+                raise InvalidMessage(f"the identity stage can't resolve this event: {exc!r}") from exc
+            raise  # a command between owners is ours: a bug must stall the partition, not lose a saga
         tx.changes.update(attempt.changes)
         out.commands.extend(attempt_out.commands)
         out.resolved.extend(attempt_out.resolved)
         out.log.extend(attempt_out.log)
 
     async def _commit(self, partition: int, store: IdentityStore, changes: dict[str, bytes | None]) -> None:
-        """Changes to the changelog, then (acknowledged) to the local store with the offset they reach."""
-        records = [
-            Record(self.topics.state, key.encode(), None if value is None else self.codecs.state.encode({"record": orjson.loads(value)}), partition)
-            for key, value in changes.items()
-        ]
-        written = await self._producer().write_all(records)
-        offsets = [w.offset for w in written]
-        expected = store.changelog_next
-        if expected is not None and min(offsets) != expected:
-            # Someone else wrote this changelog partition since we caught up (an owner cut off by a rebalance).
-            raise DeliveryFailed(f"{self.topics.state}[{partition}] moved from {expected} to {min(offsets)} under us")
+        """Changes to the changelog in one transaction, then (committed) to the local store with its offset."""
+        encode = self.codecs.state.encode
+        records = [(key.encode(), None if value is None else encode({"record": orjson.loads(value)})) for key, value in changes.items()]
+        writer = self._writers.get(partition)
+        if writer is None or writer.broken:
+            writer = self._writers[partition] = await asyncio.to_thread(TransactionalWriter, self.bootstrap, self.topics.state, partition)
+        offsets = await asyncio.to_thread(writer.write, records)
         store.apply(changes, max(offsets) + 1)
 
-    async def _send_outbox(self, partition: int, store: IdentityStore, outbox: dict[str, Any]) -> None:
+    async def _send_outbox(self, partition: int, store: IdentityStore, chunks: list[dict[str, Any]]) -> None:
+        if not chunks:
+            return
         records: list[Record] = []
-        for key, command in outbox["commands"]:
-            records.append(Record(self.topics.commands, key.encode(), self.codecs.command.encode({"kind": command["kind"], "body": command})))
-        for profile_id, identifiers, event in outbox["resolved"]:
-            value = self.codecs.resolved.encode({"profile_id": profile_id, "identifiers": identifiers, "event": event})
-            records.append(Record(self.topics.resolved, profile_id.encode(), value))
-        for entry in outbox["log"]:
-            records.append(Record(self.topics.merges, entry["survivor_profile_id"].encode(), self.codecs.merges.encode(entry)))
+        for chunk in chunks:
+            for key, command in chunk["commands"]:
+                value = self.codecs.command.encode({"kind": command["kind"], "body": command})
+                records.append(Record(self.topics.commands, key.encode(), value))
+            for profile_id, identifiers, event in chunk["resolved"]:
+                value = self.codecs.resolved.encode({"profile_id": profile_id, "identifiers": identifiers, "event": event})
+                records.append(Record(self.topics.resolved, profile_id.encode(), value))
+            for entry in chunk["log"]:
+                records.append(Record(self.topics.merges, entry["survivor_profile_id"].encode(), self.codecs.merges.encode(entry)))
         if records:
             await self._producer().write_all(records)
-        await self._commit(partition, store, {OUTBOX: None})
-        self.counters.resolved += len(outbox["resolved"])
-        for entry in outbox["log"]:
-            setattr(self.counters, entry["kind"], getattr(self.counters, entry["kind"]) + 1)
+        await self._commit(partition, store, {f"{OUTBOX}{index}": None for index in range(len(chunks))})
+        for chunk in chunks:
+            self.counters.resolved += len(chunk["resolved"])
+            for entry in chunk["log"]:
+                setattr(self.counters, entry["kind"], getattr(self.counters, entry["kind"]) + 1)
 
     # -- store recovery ----------------------------------------------------------------------------------------
 
@@ -266,17 +290,18 @@ class IdentityStage:
                 self.counters.caught_up += await asyncio.to_thread(self._catch_up, partition, store)
             except KafkaException as exc:
                 raise DeliveryFailed(f"can't read {self.topics.state}[{partition}] to catch up: {exc}") from exc
-            pending = store.get(OUTBOX)
-            if pending is not None:  # a crash came between the changelog and the outputs: send them (again)
-                log.info("identity: partition %d re-sends an outbox of %d commands", partition, len(pending["commands"]))
-                await self._send_outbox(partition, store, pending)
+            pending = [store.get(key) for key in sorted(store.keys(OUTBOX), key=lambda k: int(k[len(OUTBOX):]))]
+            if pending:  # a crash came between the changelog and the outputs: send them (again)
+                log.info("identity: partition %d re-sends an outbox of %d records", partition, len(pending))
+                await self._send_outbox(partition, store, pending)  # type: ignore[arg-type]
             self._stale.discard(partition)
         return store
 
     def _catch_up(self, partition: int, store: IdentityStore) -> int:
         """Bring the store to the end of its changelog partition; returns how many records it read."""
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{self.topics.state}.catch-up",
-                             "enable.auto.commit": False, "enable.partition.eof": True})  # fmt: skip
+                             "enable.auto.commit": False, "enable.partition.eof": True,
+                             "isolation.level": "read_committed"})  # only whole batches  # fmt: skip
         try:
             tp = TopicPartition(self.topics.state, partition)
             low, high = consumer.get_watermark_offsets(tp, timeout=30)
@@ -317,15 +342,29 @@ class IdentityStage:
         for store in self._stores.values():
             store.close()
         self._stores.clear()
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
 
 
-def _outbox(out: Outputs) -> dict[str, Any]:
-    """The outputs as one JSON record, so they are in the changelog before anything is sent."""
-    return {
-        "commands": [[key, command] for key, command in out.commands],
-        "resolved": [[r.profile_id, r.identifiers, r.event] for r in out.resolved],
-        "log": list(out.log),
-    }
+def _outbox_chunks(out: Outputs) -> list[dict[str, Any]]:
+    """The outputs as JSON records of bounded size, so they are in the changelog before anything is sent."""
+    chunks: list[dict[str, Any]] = []
+    chunk: dict[str, Any] = {"commands": [], "resolved": [], "log": []}
+    size = 0
+    items = [("commands", [key, command]) for key, command in out.commands]
+    items += [("resolved", [r.profile_id, r.identifiers, r.event]) for r in out.resolved]
+    items += [("log", entry) for entry in out.log]
+    for field, item in items:
+        item_size = len(orjson.dumps(item))
+        if size and size + item_size > OUTBOX_CHUNK_BYTES:
+            chunks.append(chunk)
+            chunk, size = {"commands": [], "resolved": [], "log": []}, 0
+        chunk[field].append(item)
+        size += item_size
+    if size:
+        chunks.append(chunk)
+    return chunks
 
 
 __all__ = ["IdentityStage", "IdentityTopics", "IdentityCodecs", "Resolved"]

@@ -75,6 +75,11 @@ class IdentityStore:
         Rdict.destroy(str(self.path))
         self._db = Rdict(str(self.path), _options())
 
+    def destroy(self) -> None:
+        """Close and delete the local copy (the changelog keeps the truth)."""
+        self._db.close()
+        Rdict.destroy(str(self.path))
+
     def close(self) -> None:
         self._db.close()
 

@@ -57,7 +57,7 @@ class IdentityViews:
         if record is None or record["status"] == "expected":
             return 404, {"error": f"no profile {profile_id}"}
         if record["status"] == "merged":
-            return await self.profile(record["into"], hops + 1, merges=merges, requested=requested or profile_id)
+            return await self.profile(record["into"], hops, merges=merges, requested=requested or profile_id)
         body: dict[str, Any] = {"profile_id": profile_id}
         if requested is not None:
             body["requested_profile_id"] = requested
@@ -78,9 +78,10 @@ class IdentityViews:
         store = self.stage.readable_store(partition)
         if store is not None:
             return store, (0, {})
-        owner = self._owner(partition)
+        owner = None if self.stage.owns(partition) else self._owner(partition)  # ours but catching up: no self-call
         if owner is None or hops >= MAX_HOPS:
-            return None, (503, {"error": f"partition {partition} of {self.stage.topics.commands} has no ready owner yet (rebalancing); retry"})
+            return None, (503, {"error": f"partition {partition} of {self.stage.topics.commands} has no ready owner yet "
+                                         "(a worker is catching up or partitions are moving); retry"})  # fmt: skip
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         try:

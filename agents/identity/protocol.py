@@ -5,7 +5,7 @@ Every piece of identity state has exactly one owner partition and changes only t
     identifier   "i|type|value" -> {"p": the profile it points at}          owner: partition of key "type:value"
     profile      "p|<id>"       -> identifiers, merges, pointer, lock, queue owner: partition of key "<id>"
     event saga   "e|<messageId>"-> the event's resolution under way          owner: partition of key "<messageId>"
-    decision     "d|<request>"  -> how a join request was decided (memo)     owner: the survivor's partition
+    decision     "d|<request>"  -> how a join request was decided (memo)     owners: the survivor's and the younger's
 
 Owners talk through commands on one internal topic, keyed by the owner's key (`Outputs.commands`). An event:
   1. claims each of its identifiers at the identifier's owner: a free one is taken for the event's own fresh
@@ -83,7 +83,7 @@ class Outputs:
 
 def profile_id_for(message_id: str, created_at: int) -> str:
     """Derived from the creating event, so a replay creates the same id; sorts by creation time, then hash."""
-    return f"p-{max(created_at, 0):013d}-{hashlib.sha1(message_id.encode()).hexdigest()[:16]}"
+    return f"p-{min(max(created_at, 0), 10**15 - 1):015d}-{hashlib.sha1(message_id.encode()).hexdigest()[:16]}"
 
 
 def identifier_key(type_: str, value: str) -> str:
@@ -265,6 +265,10 @@ class IdentityProtocol:
     def _on_join(self, command: Command, state: State, out: Outputs) -> None:
         """At the younger profile: lock it and offer it to the older one, or wait, or follow its merge."""
         young, old = max(command["a"], command["b"]), min(command["a"], command["b"])
+        memo = state.get(f"d|{command['request']}")
+        if memo is not None:  # a late duplicate of a decided request: the same answer, not a new decision
+            self._answer(command, accepted=memo["accepted"], root=memo["root"], rule=memo["rule"], out=out)
+            return
         if young == old:
             self._answer(command, accepted=True, root=old, rule="already joined", out=out)
             return
@@ -334,6 +338,7 @@ class IdentityProtocol:
         if record is None or record["lock"] != command["request"]:
             return  # an answer delivered twice
         record["lock"] = None
+        state.put(f"d|{command['request']}", {k: command[k] for k in ("accepted", "root", "rule", "entry")})
         if command["accepted"]:
             record.update(status="merged", into=command["root"], ids=[], log=[])
         else:

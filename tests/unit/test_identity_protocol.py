@@ -2,8 +2,9 @@
 
 `Cluster` plays Kafka for the pure protocol: one raw log and one command log per partition, keys routed with
 Kafka's murmur2, and a random scheduler that picks which partition (and which of its two logs) goes next, so
-every interleaving of owners is possible. It can also deliver a command twice, as the stage does when it
-re-sends its outbox after a crash. The same protocol runs on real Kafka in tests/integration/test_identity_stage.py.
+every interleaving of owners is possible; optionally it also shuffles each partition's log (records from
+different writers reach a partition in any order) and delivers commands again, at once or much later, as the
+stage does when it re-sends its outbox after a crash. The same protocol runs on real Kafka in tests/integration/test_identity_stage.py.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ def make_event(message_id: str, identifiers: list[Ident], at: int) -> dict[str, 
 class Cluster:
     """The protocol's owners on `partitions` partitions, fed by a random scheduler."""
 
-    def __init__(self, rules: IdentityRules, partitions: int = 1, seed: int = 0, duplicate: float = 0.0) -> None:
+    def __init__(self, rules: IdentityRules, partitions: int = 1, seed: int = 0, duplicate: float = 0.0,
+                 shuffled: bool = False, late: float = 0.0) -> None:  # fmt: skip
         self.protocol = IdentityProtocol(rules)
         self.partitions = partitions
         self.random = random.Random(seed)
-        self.duplicate = duplicate
+        self.duplicate, self.shuffled, self.late = duplicate, shuffled, late
+        self.history: list[tuple[int, dict[str, Any]]] = []
         self.states: list[dict[str, Any]] = [{} for _ in range(partitions)]
         self.raw: list[deque[dict[str, Any]]] = [deque() for _ in range(partitions)]
         self.work: list[deque[dict[str, Any]]] = [deque() for _ in range(partitions)]
@@ -68,7 +71,12 @@ class Cluster:
             if not ready:
                 return
             partition, queue = self.random.choice(ready)
+            if self.shuffled and queue is self.work[partition]:
+                queue.rotate(-self.random.randrange(len(queue)))
             self._deliver(partition, queue.popleft())
+            if self.history and self.random.random() < self.late:  # an old command, delivered again
+                again = self.random.choice(self.history)
+                self.work[again[0]].append(again[1])
 
     def _deliver(self, partition: int, command: dict[str, Any]) -> None:
         state = _DictState(self.states[partition])
@@ -77,6 +85,7 @@ class Cluster:
         for key, sent in out.commands:
             target = self.work[partition_of(key, self.partitions)]
             target.append(sent)
+            self.history.append((partition_of(key, self.partitions), sent))
             if self.random.random() < self.duplicate:
                 target.append(sent)
         for resolved in out.resolved:
@@ -159,14 +168,13 @@ def union_find(batches: list[list[Ident]]) -> set[frozenset[Ident]]:
 
 
 streams = st.lists(st.lists(st.sampled_from(POOL), min_size=1, max_size=3, unique=True), max_size=40)
-topologies = st.tuples(st.integers(1, 6), st.integers(0, 2**32), st.sampled_from([0.0, 0.2]))
+topologies = st.tuples(st.integers(1, 6), st.integers(0, 2**32), st.sampled_from([0.0, 0.2]), st.booleans(), st.sampled_from([0.0, 0.05]))
 
 
 @settings(max_examples=300, deadline=None)
 @given(streams, topologies)
-def test_without_limits_profiles_are_the_connected_components(batches: list[list[Ident]], topology: tuple[int, int, float]) -> None:
-    partitions, seed, duplicate = topology
-    cluster = Cluster(UNLIMITED, partitions, seed, duplicate)
+def test_without_limits_profiles_are_the_connected_components(batches: list[list[Ident]], topology: tuple[Any, ...]) -> None:
+    cluster = Cluster(UNLIMITED, *topology)
     sent = [cluster.send(batch) for batch in batches]
     cluster.run()
     cluster.assert_quiet()
@@ -186,10 +194,9 @@ TIGHT_POOL = POOL + [("anonymous_id", "null"), ("user_id", "000")]
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.lists(st.sampled_from(TIGHT_POOL), min_size=1, max_size=4, unique=True), max_size=40), topologies)
 def test_with_limits_no_profile_breaks_a_rule_and_blocked_values_link_nothing(
-    batches: list[list[Ident]], topology: tuple[int, int, float]
+    batches: list[list[Ident]], topology: tuple[Any, ...]
 ) -> None:
-    partitions, seed, duplicate = topology
-    cluster = Cluster(TIGHT, partitions, seed, duplicate)
+    cluster = Cluster(TIGHT, *topology)
     sent = [cluster.send(batch) for batch in batches]
     cluster.run()
     cluster.assert_quiet()
