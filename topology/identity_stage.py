@@ -217,11 +217,13 @@ class IdentityStage:
         if letters:  # at-least-once, before the changelog: a crash may write one twice, never lose one
             await self._producer().write_all(letters)
             self.counters.dead_lettered += len(letters)
+        for key in store.keys(OUTBOX):  # the previous batch's outbox was sent: replaced in this same transaction
+            tx.delete(key)
         chunks = _outbox_chunks(out)
         for index, chunk in enumerate(chunks):
             tx.put(f"{OUTBOX}{index}", chunk)
         await self._commit(partition, store, tx.changes)
-        await self._send_outbox(partition, store, chunks)
+        await self._send_outbox(partition, store, chunks, delete=False)
 
     def _apply(self, mark: str, value: bytes | None, tx: Transaction, out: Outputs) -> None:
         """One input through the protocol, all or nothing: a command that fails leaves no half-made change."""
@@ -253,7 +255,9 @@ class IdentityStage:
         offsets = await asyncio.to_thread(writer.write, records)
         store.apply(changes, max(offsets) + 1)
 
-    async def _send_outbox(self, partition: int, store: IdentityStore, chunks: list[dict[str, Any]]) -> None:
+    async def _send_outbox(self, partition: int, store: IdentityStore, chunks: list[dict[str, Any]], *, delete: bool) -> None:
+        """Send a committed outbox. After a batch the records stay until the next batch's transaction replaces
+        them (one transaction per batch, not two); a crash in between re-sends them, which the handlers absorb."""
         if not chunks:
             return
         records: list[Record] = []
@@ -268,7 +272,8 @@ class IdentityStage:
                 records.append(Record(self.topics.merges, entry["survivor_profile_id"].encode(), self.codecs.merges.encode(entry)))
         if records:
             await self._producer().write_all(records)
-        await self._commit(partition, store, {f"{OUTBOX}{index}": None for index in range(len(chunks))})
+        if delete:
+            await self._commit(partition, store, {f"{OUTBOX}{index}": None for index in range(len(chunks))})
         for chunk in chunks:
             self.counters.resolved += len(chunk["resolved"])
             for entry in chunk["log"]:
@@ -293,7 +298,7 @@ class IdentityStage:
             pending = [store.get(key) for key in sorted(store.keys(OUTBOX), key=lambda k: int(k[len(OUTBOX):]))]
             if pending:  # a crash came between the changelog and the outputs: send them (again)
                 log.info("identity: partition %d re-sends an outbox of %d records", partition, len(pending))
-                await self._send_outbox(partition, store, pending)  # type: ignore[arg-type]
+                await self._send_outbox(partition, store, pending, delete=True)  # type: ignore[arg-type]
             self._stale.discard(partition)
         return store
 
