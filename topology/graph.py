@@ -226,6 +226,7 @@ def _identity_stage(app: faust.App, settings: Settings, codecs: Codecs, producer
             dead_letter=codecs.for_topic(EVENTS_DEAD_LETTER),
         ),  # fmt: skip
         protocol=IdentityProtocol(settings.identity),
+        partitions=IDENTITY_COMMANDS.partition_count(settings),
         store_dir=worker_data_dir(settings) / "identity",
         bootstrap=settings.kafka_bootstrap,
         producer=producer,

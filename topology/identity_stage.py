@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from aiokafka.partitioner import murmur2
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from agents.errors import DeliveryFailed, InvalidMessage, UndecodableError
@@ -37,10 +38,16 @@ from topology.producer import AsyncProducer, Record
 from topology.transactional import TransactionalWriter
 
 log = logging.getLogger(__name__)
+BATCH = "batch"  # a record of cdp.identity.commands carrying several commands for one partition
 OUTBOX = "o|"  # outbox records: o|0, o|1, ... each at most OUTBOX_CHUNK_BYTES of JSON
 OUTBOX_CHUNK_BYTES = 256_000  # records stay far below Kafka's 1 MB default message size
 CATCH_UP_CHUNK = 20_000
 MAX_BACKOFF_S = 5.0
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as Faust's and ours) gives a raw string key."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 @dataclass(frozen=True)
@@ -86,13 +93,14 @@ class IdentityStage:
         topics: IdentityTopics,
         codecs: IdentityCodecs,
         protocol: IdentityProtocol,
+        partitions: int,
         store_dir: Path,
         bootstrap: str,
         producer: Callable[[], AsyncProducer],
         batch_size: int = 2_000,
         batch_within: float = 0.02,
     ) -> None:
-        self.topics, self.codecs, self.protocol = topics, codecs, protocol
+        self.topics, self.codecs, self.protocol, self.partitions = topics, codecs, protocol, partitions
         self.store_dir, self.bootstrap = store_dir, bootstrap
         self._producer = producer
         self.batch_size, self.batch_within = batch_size, batch_within
@@ -226,24 +234,27 @@ class IdentityStage:
         await self._send_outbox(partition, store, chunks, delete=False)
 
     def _apply(self, mark: str, value: bytes | None, tx: Transaction, out: Outputs) -> None:
-        """One input through the protocol, all or nothing: a command that fails leaves no half-made change."""
+        """One input through the protocol; each command in it all or nothing (a failing one leaves no half-made
+        change). A record of cdp.identity.commands holds one command or a `batch` of several for one partition."""
         if value is None:
             raise UndecodableError("empty record (no value)")
         if mark == "raw":
-            command = event_command(self.codecs.raw.decode(value))  # type: ignore[arg-type]
+            commands = [event_command(self.codecs.raw.decode(value))]  # type: ignore[arg-type]
         else:
-            command = self.codecs.command.decode(value)["body"]
-        attempt, attempt_out = Transaction(tx), Outputs()  # type: ignore[arg-type]
-        try:
-            self.protocol.handle(command, attempt, attempt_out)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            if mark == "raw":  # an event the protocol can't take (e.g. a field of the wrong type): dead-letter it
-                raise InvalidMessage(f"the identity stage can't resolve this event: {exc!r}") from exc
-            raise  # a command between owners is ours: a bug must stall the partition, not lose a saga
-        tx.changes.update(attempt.changes)
-        out.commands.extend(attempt_out.commands)
-        out.resolved.extend(attempt_out.resolved)
-        out.log.extend(attempt_out.log)
+            body = self.codecs.command.decode(value)["body"]
+            commands = body["commands"] if body.get("kind") == BATCH else [body]
+        for command in commands:
+            attempt, attempt_out = Transaction(tx), Outputs()  # type: ignore[arg-type]
+            try:
+                self.protocol.handle(command, attempt, attempt_out)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                if mark == "raw":  # an event the protocol can't take (e.g. a field of the wrong type): dead-letter it
+                    raise InvalidMessage(f"the identity stage can't resolve this event: {exc!r}") from exc
+                raise  # a command between owners is ours: a bug must stall the partition, not lose a saga
+            tx.changes.update(attempt.changes)
+            out.commands.extend(attempt_out.commands)
+            out.resolved.extend(attempt_out.resolved)
+            out.log.extend(attempt_out.log)
 
     async def _commit(self, partition: int, store: IdentityStore, changes: dict[str, bytes | None]) -> None:
         """Changes to the changelog in one transaction, then (committed) to the local store with its offset."""
@@ -262,9 +273,15 @@ class IdentityStage:
             return
         records: list[Record] = []
         for chunk in chunks:
+            # One record per owner partition, not per command: Faust's cost is per record, and a batch of
+            # commands for one partition is applied in order, as separate records would be.
+            by_partition: dict[int, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
             for key, command in chunk["commands"]:
-                value = self.codecs.command.encode({"kind": command["kind"], "body": command})
-                records.append(Record(self.topics.commands, key.encode(), value))
+                by_partition[partition_for(key, self.partitions)].append((key, command))
+            for owner, keyed in by_partition.items():
+                body = keyed[0][1] if len(keyed) == 1 else {"kind": BATCH, "commands": [c for _, c in keyed]}
+                value = self.codecs.command.encode({"kind": body["kind"], "body": body})
+                records.append(Record(self.topics.commands, keyed[0][0].encode(), value, owner))
             for profile_id, identifiers, event in chunk["resolved"]:
                 value = self.codecs.resolved.encode({"profile_id": profile_id, "identifiers": identifiers, "event": event})
                 records.append(Record(self.topics.resolved, profile_id.encode(), value))

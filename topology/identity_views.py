@@ -13,18 +13,13 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-from aiokafka.partitioner import murmur2
 
 from agents.identity.protocol import identifier_key, identifier_record, profile_record
-from topology.identity_stage import IdentityStage
+from topology.identity_stage import IdentityStage, partition_for
 
 HOPS_HEADER = "X-CDP-Hops"
 MAX_HOPS = 8
 Answer = tuple[int, dict[str, Any]]
-
-
-def partition_for(key: str, partitions: int) -> int:
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 class IdentityViews:
