@@ -165,7 +165,7 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    defaults = {"ingest": 200_000, "dedup": 200_000, "identity": 20_000}  # identity: 6 runs at ~1-3 k events/s
+    defaults = {"ingest": 200_000, "dedup": 200_000, "identity": 100_000}  # identity: 6 runs at ~1-2 k events/s (≈ 12 min)
     events = args.events if args.events is not None else defaults[args.stage]
     if args.stage == "ingest":
         from bench.ingest import run_ingest_bench
@@ -204,7 +204,7 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--rate", type=float, default=0, help="events/s to aim for (0: as fast as possible)")
     bench = sub.add_parser("bench", help="benchmarks; figures as JSON")
     bench.add_argument("stage", choices=["ingest", "dedup", "identity"])
-    bench.add_argument("--events", type=int, help="events per run (default 200000; identity 20000)")
+    bench.add_argument("--events", type=int, help="events per run (default 200000; identity 100000)")
     bench.add_argument("--batch-size", type=int, default=100)
     bench.add_argument("--out", type=Path, help="write the JSON report here too")
     return root
