@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ BATCH = "batch"  # a record of cdp.identity.commands carrying several commands f
 OUTBOX = "o|"  # outbox records: o|0, o|1, ... each at most OUTBOX_CHUNK_BYTES of JSON
 OUTBOX_CHUNK_BYTES = 256_000  # records stay far below Kafka's 1 MB default message size
 CATCH_UP_CHUNK = 20_000
+STALE_AFTER_MS = 20 * 3_600_000  # under the changelog's delete.retention.ms (Kafka's default: 24 h)
 MAX_BACKOFF_S = 5.0
 
 
@@ -126,11 +128,11 @@ class IdentityStage:
             asyncio.ensure_future(self._warm(partition))
 
     async def on_partitions_revoked(self, partitions: set[int]) -> None:
-        """Wait for each partition's running work (batch or warm-up), then drop its store and writer.
+        """Wait for each partition's running work (batch or warm-up), then close its store and writer.
 
-        The local copy is deleted, not kept: after a long absence its changelog may have been compacted past
-        tombstones it never saw, and a fresh rebuild from the compacted changelog is always right.
-        """
+        The local copy is kept (Faust's rebalances are eager: every partition is revoked and most come straight
+        back), and caught up from its changelog offset when it is assigned again — unless it is older than
+        compaction keeps tombstones (STALE_AFTER_MS), then it is rebuilt from scratch."""
         self._assigned -= partitions
         self._stale |= partitions
         for partition in partitions:
@@ -139,7 +141,7 @@ class IdentityStage:
                     continue  # assigned again meanwhile
                 store = self._stores.pop(partition, None)
                 if store is not None:
-                    store.destroy()
+                    store.close()
                 writer = self._writers.pop(partition, None)
                 if writer is not None:
                     writer.close()
@@ -190,6 +192,11 @@ class IdentityStage:
         """Retry until Kafka takes it: giving up would let Faust commit inputs whose effects were lost."""
         backoff = 0.1
         while True:
+            if partition not in self._assigned:
+                # Moved to another worker while we retried: its owner re-reads these inputs from the committed
+                # offset, and retrying here would only fight it for the changelog's transactional id.
+                log.warning("identity: partition %d was revoked; leaving its batch to the new owner", partition)
+                return
             try:
                 async with self._lock(partition):
                     await self._process(partition, events)
@@ -265,6 +272,8 @@ class IdentityStage:
         encode = self.codecs.state.encode
         records = [(key.encode(), None if value is None else encode({"record": orjson.loads(value)})) for key, value in changes.items()]
         writer = self._writers.get(partition)
+        if partition not in self._assigned:
+            raise DeliveryFailed(f"{self.topics.state}[{partition}] is no longer ours")
         if writer is None or writer.broken:
             writer = self._writers[partition] = await asyncio.to_thread(TransactionalWriter, self.bootstrap, self.topics.state, partition)
         offsets = await asyncio.to_thread(writer.write, records)
@@ -332,6 +341,11 @@ class IdentityStage:
             tp = TopicPartition(self.topics.state, partition)
             low, high = consumer.get_watermark_offsets(tp, timeout=30)
             start = store.changelog_next
+            if start is not None and store.applied_at is not None and time.time() * 1000 - store.applied_at > STALE_AFTER_MS:
+                log.info("identity: %s[%d]: the local store is older than compaction keeps tombstones; rebuilding",
+                         self.topics.state, partition)  # fmt: skip
+                store.reset()
+                start = None
             if start is not None and start > high:
                 log.warning("identity: %s[%d] is shorter than the store remembers: topics were recreated; resetting",
                             self.topics.state, partition)  # fmt: skip

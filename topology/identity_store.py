@@ -12,6 +12,7 @@ protocol its `State` for one batch: reads fall through to the store, writes coll
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from rocksdict import Options, Rdict, WriteBatch
 
 _OFFSET = struct.Struct(">Q")
 _CHANGELOG_NEXT = b"\x00changelog"
+_APPLIED_AT = b"\x00applied_at"
 
 
 def _options() -> Options:
@@ -59,6 +61,12 @@ class IdentityStore:
         value = self._db.get(_CHANGELOG_NEXT)
         return None if value is None else _OFFSET.unpack(value)[0]
 
+    @property
+    def applied_at(self) -> int | None:
+        """Wall-clock ms of the last change applied; a copy much older may have missed compacted tombstones."""
+        value = self._db.get(_APPLIED_AT)
+        return None if value is None else _OFFSET.unpack(value)[0]
+
     def apply(self, changes: Mapping[str, bytes | None], changelog_next: int) -> None:
         batch = WriteBatch(raw_mode=True)
         for key, value in changes.items():
@@ -67,6 +75,7 @@ class IdentityStore:
             else:
                 batch.put(key.encode(), value)
         batch.put(_CHANGELOG_NEXT, _OFFSET.pack(changelog_next))
+        batch.put(_APPLIED_AT, _OFFSET.pack(int(time.time() * 1000)))
         self._db.write(batch)
 
     def reset(self) -> None:
@@ -74,11 +83,6 @@ class IdentityStore:
         self._db.close()
         Rdict.destroy(str(self.path))
         self._db = Rdict(str(self.path), _options())
-
-    def destroy(self) -> None:
-        """Close and delete the local copy (the changelog keeps the truth)."""
-        self._db.close()
-        Rdict.destroy(str(self.path))
 
     def close(self) -> None:
         self._db.close()
