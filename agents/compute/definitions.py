@@ -1,0 +1,97 @@
+"""Computed-trait definitions as data: parsed and checked once, with errors that name the problem.
+
+The format (PRODUCT.md): `{"key": "orders_30d", "kind": "count", "event": "Order Completed", "window": "30d",
+"where": {"property": "currency", "eq": "USD"}}`. Kinds count, sum, avg, min, max, first, last, most_frequent,
+unique_list, unique_count; all but count read `property` (a dotted path into the event's properties, or its
+traits for identify calls). `event` absent: any track event; `Page Viewed` / `Screen Viewed` stand for page and
+screen calls, as in Segment. `where` is a condition: a leaf `{"property": p, <op>: value}` with op one of eq, ne,
+gt, gte, lt, lte, contains, exists, in, or `all` / `any` / `not` over conditions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agents.durations import parse_duration_ms
+from agents.errors import ConfigError
+
+KINDS = ("count", "sum", "avg", "min", "max", "first", "last", "most_frequent", "unique_list", "unique_count")
+NUMERIC_KINDS = ("sum", "avg", "min", "max")
+OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "contains", "exists", "in")
+CALL_EVENTS = {"Page Viewed": "page", "Screen Viewed": "screen"}
+KEYS = {"key", "kind", "event", "property", "window", "where", "description"}
+
+
+@dataclass(frozen=True)
+class TraitDefinition:
+    """One computed trait; `window_ms` None means all-time."""
+
+    key: str
+    kind: str
+    event: str | None = None
+    property: str | None = None
+    window_ms: int | None = None
+    where: Mapping[str, Any] | None = None
+
+
+def parse_trait(raw: Any) -> TraitDefinition:
+    """A trait definition from its JSON/YAML form; raises ConfigError naming the first problem."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a trait definition is an object, not {raw!r}")
+    key = raw.get("key")
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"a trait definition needs a non-empty string key, got {key!r}")
+    where = f"trait {key!r}"
+    unknown = set(raw) - KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown fields {sorted(unknown)}; known: {sorted(KEYS)}")
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"{where}: unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
+    prop = raw.get("property")
+    if kind != "count" and (not isinstance(prop, str) or not prop):
+        raise ConfigError(f"{where}: kind {kind} needs a property (the event property it reads)")
+    event = raw.get("event")
+    if event is not None and (not isinstance(event, str) or not event):
+        raise ConfigError(f"{where}: event must be a non-empty string, not {event!r}")
+    window_ms = None
+    if raw.get("window") is not None:
+        try:
+            window_ms = parse_duration_ms(raw["window"])
+        except ValueError as exc:
+            raise ConfigError(f"{where}: bad window: {exc}") from exc
+        if window_ms < 1_000:
+            raise ConfigError(f"{where}: a window must be at least 1s, not {raw['window']!r}")
+    condition = raw.get("where")
+    if condition is not None:
+        check_condition(condition, f"{where}: where")
+    return TraitDefinition(key, kind, event, prop if kind != "count" else None, window_ms, condition)
+
+
+def check_condition(condition: Any, where: str) -> None:
+    """A `where` condition is well formed, or ConfigError says what is wrong and where."""
+    if not isinstance(condition, Mapping) or not condition:
+        raise ConfigError(f"{where}: a condition is a non-empty object, not {condition!r}")
+    if "all" in condition or "any" in condition:
+        combinator = "all" if "all" in condition else "any"
+        parts = condition[combinator]
+        if len(condition) != 1 or not isinstance(parts, list) or not parts:
+            raise ConfigError(f"{where}: {combinator} takes a non-empty list of conditions and nothing beside it")
+        for index, part in enumerate(parts):
+            check_condition(part, f"{where}.{combinator}[{index}]")
+        return
+    if "not" in condition:
+        if len(condition) != 1:
+            raise ConfigError(f"{where}: not takes one condition and nothing beside it")
+        check_condition(condition["not"], f"{where}.not")
+        return
+    prop = condition.get("property")
+    operators = [op for op in condition if op != "property"]
+    if not isinstance(prop, str) or not prop:
+        raise ConfigError(f"{where}: a leaf condition needs a property, got {dict(condition)!r}")
+    if len(operators) != 1 or operators[0] not in OPERATORS:
+        raise ConfigError(f"{where}: a leaf condition needs exactly one operator of {', '.join(OPERATORS)}, got {operators}")
+    if operators[0] == "in" and not isinstance(condition["in"], list):
+        raise ConfigError(f"{where}: in takes a list, not {condition['in']!r}")
