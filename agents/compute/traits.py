@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from agents.compute.definitions import CALL_EVENTS, NUMERIC_KINDS, TraitDefinition
+from agents.paths import read_path
 
 State = dict[str, Any]
 BUCKETS_PER_WINDOW = 60
@@ -40,15 +41,6 @@ def event_name(event: Mapping[str, Any]) -> str | None:
         if event["type"] == call:
             return name
     return None
-
-
-def read_path(root: Any, dotted: str) -> Any:
-    node = root
-    for step in dotted.split("."):
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(step)
-    return node
 
 
 def payload(event: Mapping[str, Any]) -> Mapping[str, Any]:

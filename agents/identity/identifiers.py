@@ -14,6 +14,7 @@ from typing import Any
 
 from agents.events import RawEvent
 from agents.identity.rules import IdentityRules
+from agents.paths import read_path
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def extract(event: RawEvent, rules: IdentityRules) -> list[ExtractedIdentifier]:
     add("anonymous_id", event.get("anonymous_id"))
     traits, context = event.get("traits") or {}, event.get("context") or {}
     add("email", traits.get("email") if event["type"] in ("identify",) else None)
-    add("email", _path(context, "traits.email"))
+    add("email", read_path(context, "traits.email"))
     if event["type"] == "group":
         add("group_id", event.get("group_id"))
     device = context.get("device") if isinstance(context.get("device"), dict) else {}
@@ -53,16 +54,6 @@ def extract(event: RawEvent, rules: IdentityRules) -> list[ExtractedIdentifier]:
             add(external["type"], external.get("id"))
     for rule in rules.identifiers:
         for path in rule.paths:
-            add(rule.type, _path(event, path))
+            add(rule.type, read_path(event, path))
     ordered = sorted(found, key=lambda tv: (rules.priority(tv[0]), tv[1]))
     return [ExtractedIdentifier(t, v, rules.is_blocked(v)) for t, v in ordered]
-
-
-def _path(root: Any, dotted: str) -> Any:
-    """`traits.email` in a payload dict; None where any step is missing."""
-    node = root
-    for step in dotted.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(step)
-    return node
