@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -114,3 +114,43 @@ def write_report(report: dict[str, Any], out: Path | None) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
     return text
+
+
+def consume_produce_floor(settings: Settings, source: str, events: int, transform: Callable[[bytes], bytes] | None = None) -> dict[str, Any]:
+    """The floor of a one-hop stage: one confluent-kafka loop consuming `source` and producing each record
+    (through `transform`, e.g. decode + encode) to a floor topic of its own, same partition, acks=all. Timed
+    from the first record consumed; CPU is this process's."""
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from topology.producer import producer_config
+
+    target = f"{settings.topics.prefix}.bench.floor"
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})  # must outlive the future
+    admin.create_topics([NewTopic(target, settings.topics.partitions, 1)])[target].result()
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{target}.floor",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": True})  # fmt: skip
+    producer = Producer(producer_config(settings.kafka_bootstrap, 60_000))
+    consumer.subscribe([source])
+    seen = 0
+    started = cpu0 = 0.0
+    while seen < events:
+        batch = consumer.consume(num_messages=1000, timeout=1.0)
+        if batch and not started:
+            started, cpu0 = time.perf_counter(), time.process_time()
+        for message in batch:
+            if message.error() is None:
+                seen += 1
+                value = message.value() if transform is None else transform(message.value())
+                while True:
+                    try:
+                        producer.produce(target, value, message.key(), partition=message.partition())
+                        break
+                    except BufferError:
+                        producer.poll(0.01)
+        producer.poll(0)
+    producer.flush(60)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
+    consumer.close()
+    return {"events": seen, "seconds": round(seconds, 2), "events_per_s": round(seen / seconds, 1),
+            "cpu_s_per_million": round(cpu / seen * 1e6, 1)}  # fmt: skip

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
 
-from bench.common import Bench, bench_pipeline, cpu_seconds, wait_healthy, write_report
+from bench.common import Bench, bench_pipeline, consume_produce_floor, cpu_seconds, wait_healthy, write_report
 from bench.ingest import encoded_events
 from topology.config import Settings
 from topology.producer import producer_config
@@ -58,34 +57,7 @@ def end_offsets(settings: Settings, topic: str) -> int:
 
 def floor(settings: Settings, events: int) -> dict[str, Any]:
     """Consume every input record and produce its bytes to a floor topic, same partition, acks=all."""
-    target = f"{settings.topics.prefix}.bench.floor"
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})  # must outlive the future
-    admin.create_topics([NewTopic(target, settings.topics.partitions, 1)])[target].result()
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{target}.floor",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": True})  # fmt: skip
-    producer = Producer(producer_config(settings.kafka_bootstrap, 60_000))
-    consumer.subscribe([EVENTS_ACCEPTED.name(settings)])
-    seen = 0
-    started = cpu0 = 0.0
-    while seen < events:
-        batch = consumer.consume(num_messages=1000, timeout=1.0)
-        if batch and not started:
-            started, cpu0 = time.perf_counter(), time.process_time()
-        for message in batch:
-            if message.error() is None:
-                seen += 1
-                while True:
-                    try:
-                        producer.produce(target, message.value(), message.key(), partition=message.partition())
-                        break
-                    except BufferError:
-                        producer.poll(0.01)
-        producer.poll(0)
-    producer.flush(60)
-    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
-    consumer.close()
-    return {"events": seen, "seconds": round(seconds, 2), "events_per_s": round(seen / seconds, 1),
-            "cpu_s_per_million": round(cpu / seen * 1e6, 1)}  # fmt: skip
+    return consume_produce_floor(settings, EVENTS_ACCEPTED.name(settings), events)
 
 
 def stage(bench: Bench, events: int, expected: int) -> dict[str, Any]:

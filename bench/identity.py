@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupState, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 
 from agents.events import RawEvent
 from agents.identity.rules import IdentityRules
-from bench.common import Bench, bench_pipeline, cpu_seconds, wait_healthy, write_report
+from bench.common import Bench, bench_pipeline, consume_produce_floor, cpu_seconds, wait_healthy, write_report
 from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import Settings
 from topology.identity_stage import partition_for
@@ -241,38 +241,13 @@ def read_all(settings: Settings, topic: str, schema: str) -> list[dict[str, Any]
 
 def floor(settings: Settings, events: int) -> dict[str, Any]:
     """Consume events.raw, decode, encode a resolved_event, produce it to a floor topic (same partition, acks=all)."""
-    target = f"{settings.topics.prefix}.bench.floor"
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})  # must outlive the future
-    admin.create_topics([NewTopic(target, settings.topics.partitions, 1)])[target].result()
     repository = SchemaRepository.load()
     raw, resolved = AvroCodec("raw_event", repository), AvroCodec("resolved_event", repository)
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{target}.floor",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": True})  # fmt: skip
-    producer = Producer(producer_config(settings.kafka_bootstrap, 60_000))
-    consumer.subscribe([EVENTS_RAW.name(settings)])
-    seen = 0
-    started = cpu0 = 0.0
-    while seen < events:
-        batch = consumer.consume(num_messages=1000, timeout=1.0)
-        if batch and not started:
-            started, cpu0 = time.perf_counter(), time.process_time()
-        for message in batch:
-            if message.error() is None:
-                seen += 1
-                value = resolved.encode({"profile_id": "p-floor", "identifiers": [], "event": raw.decode(message.value())})  # type: ignore[arg-type]
-                while True:
-                    try:
-                        producer.produce(target, value, message.key(), partition=message.partition())
-                        break
-                    except BufferError:
-                        producer.poll(0.01)
-        producer.poll(0)
-    producer.flush(60)
-    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
-    consumer.close()
-    return {"events": seen, "seconds": round(seconds, 2), "events_per_s": round(seen / seconds, 1),
-            "cpu_s_per_million": round(cpu / seen * 1e6, 1)}  # fmt: skip
 
+    def decode_encode(value: bytes) -> bytes:
+        return resolved.encode({"profile_id": "p-floor", "identifiers": [], "event": raw.decode(value)})
+
+    return consume_produce_floor(settings, EVENTS_RAW.name(settings), events, decode_encode)
 
 # -- the stage -----------------------------------------------------------------------------------------------
 

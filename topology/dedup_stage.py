@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from agents.errors import DeliveryFailed, UndecodableError
 from agents.events import RawEvent
 from agents.ingest.dedup import first_sightings
 from topology.codecs import AvroCodec
 from topology.dead_letters import dead_letter
+from topology.partition_reader import catch_up_consumer, read_chunks
 from topology.producer import AsyncProducer, Record
 from topology.seen_store import SeenStore
 
@@ -176,14 +177,7 @@ class DedupStage:
 
     def _catch_up(self, partition: int, store: SeenStore) -> int:
         """Bring the store up to the end of its raw partition; returns how many sightings it read."""
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": f"{self.raw_topic}.dedup-catch-up",  # never commits; assign() only
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-            }
-        )
+        consumer = catch_up_consumer(self.bootstrap, f"{self.raw_topic}.dedup-catch-up")
         try:
             low, high = consumer.get_watermark_offsets(TopicPartition(self.raw_topic, partition), timeout=30)
             _, accepted_high = consumer.get_watermark_offsets(TopicPartition(self.accepted_topic, partition), timeout=30)
@@ -220,28 +214,21 @@ class DedupStage:
         """Read raw[partition] from `start` to `high` into the store, in chunks so memory stays flat."""
         fresh = store.next_offset is None
         found = 0
-        position = start
         chunk: dict[str, int] = {}
-        if start < high:
-            consumer.assign([TopicPartition(self.raw_topic, partition, start)])
-        while position < high:
-            messages = consumer.consume(num_messages=10_000, timeout=1.0)
-            for message in messages:
-                error = message.error()
-                if error is None:
-                    chunk[message.key().decode()] = message.timestamp()[1]  # the stream time it passed at
-                    position = message.offset() + 1
-                elif error.code() == KafkaError._PARTITION_EOF:
-                    position = high
-                else:
-                    raise KafkaException(error)
-            if len(chunk) >= CATCH_UP_CHUNK or position >= high:
-                # A store that existed keeps its own stream time: the re-read inputs then get the same decisions
-                # as before the crash. A new store takes the newest time it has seen.
-                stream_time = max(chunk.values(), default=0) if fresh else store.stream_time
-                store.remember(chunk, min(position, high), stream_time)
-                found += len(chunk)
-                chunk = {}
+
+        def take(message: Any) -> None:
+            chunk[message.key().decode()] = message.timestamp()[1]  # the stream time it passed at
+
+        def flush(position: int) -> None:
+            nonlocal found
+            # A store that existed keeps its own stream time: the re-read inputs then get the same decisions as
+            # before the crash. A new store takes the newest time it has seen.
+            stream_time = max(chunk.values(), default=0) if fresh else store.stream_time
+            store.remember(chunk, position, stream_time)
+            found += len(chunk)
+            chunk.clear()
+
+        read_chunks(consumer, self.raw_topic, partition, start, high, CATCH_UP_CHUNK, take, flush)
         if store.next_offset is None:
             store.remember({}, high, 0)
         return found

@@ -29,13 +29,14 @@ from typing import Any
 
 import orjson
 from aiokafka.partitioner import murmur2
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from agents.errors import DeliveryFailed, InvalidMessage, UndecodableError
 from agents.identity.protocol import IdentityProtocol, Outputs, Resolved, event_command
 from topology.codecs import AvroCodec
 from topology.dead_letters import dead_letter
 from topology.identity_store import IdentityStore, Transaction
+from topology.partition_reader import catch_up_consumer, read_chunks
 from topology.producer import AsyncProducer, Record
 from topology.transactional import TransactionalWriter
 
@@ -334,9 +335,7 @@ class IdentityStage:
 
     def _catch_up(self, partition: int, store: IdentityStore) -> int:
         """Bring the store to the end of its changelog partition; returns how many records it read."""
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{self.topics.state}.catch-up",
-                             "enable.auto.commit": False, "enable.partition.eof": True,
-                             "isolation.level": "read_committed"})  # only whole batches  # fmt: skip
+        consumer = catch_up_consumer(self.bootstrap, f"{self.topics.state}.catch-up", read_committed=True)  # whole batches
         try:
             tp = TopicPartition(self.topics.state, partition)
             low, high = consumer.get_watermark_offsets(tp, timeout=30)
@@ -351,27 +350,20 @@ class IdentityStage:
                             self.topics.state, partition)  # fmt: skip
                 store.reset()
                 start = None
-            position = max(start or 0, low)
             found = 0
             chunk: dict[str, bytes | None] = {}
-            if position < high:
-                consumer.assign([TopicPartition(self.topics.state, partition, position)])
-            while position < high:
-                for message in consumer.consume(num_messages=10_000, timeout=1.0):
-                    error = message.error()
-                    if error is None:
-                        value = message.value()
-                        record = None if value is None else orjson.dumps(self.codecs.state.decode(value)["record"])
-                        chunk[message.key().decode()] = record
-                        position = message.offset() + 1
-                    elif error.code() == KafkaError._PARTITION_EOF:
-                        position = high
-                    else:
-                        raise KafkaException(error)
-                if len(chunk) >= CATCH_UP_CHUNK or position >= high:
-                    store.apply(chunk, min(position, high))
-                    found += len(chunk)
-                    chunk = {}
+
+            def take(message: Any) -> None:
+                value = message.value()
+                chunk[message.key().decode()] = None if value is None else orjson.dumps(self.codecs.state.decode(value)["record"])
+
+            def flush(position: int) -> None:
+                nonlocal found
+                store.apply(chunk, position)
+                found += len(chunk)
+                chunk.clear()
+
+            read_chunks(consumer, self.topics.state, partition, max(start or 0, low), high, CATCH_UP_CHUNK, take, flush)
             if store.changelog_next is None:
                 store.apply({}, high)
             return found

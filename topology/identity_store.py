@@ -18,26 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import WriteBatch
+
+from topology.rocks import open_db, recreate_db
 
 _OFFSET = struct.Struct(">Q")
 _CHANGELOG_NEXT = b"\x00changelog"
 _APPLIED_AT = b"\x00applied_at"
 
 
-def _options() -> Options:
-    options = Options(raw_mode=True)
-    options.create_if_missing(True)
-    return options
-
-
 class IdentityStore:
     """The records of one partition; changed only through `apply`, in one atomic batch."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = Rdict(str(path), _options())
+        self._db = open_db(path)
 
     def get(self, key: str) -> dict[str, Any] | None:
         value = self._db.get(key.encode())
@@ -80,9 +75,7 @@ class IdentityStore:
 
     def reset(self) -> None:
         """Forget everything (the changelog was recreated, so this copy belongs to topics that are gone)."""
-        self._db.close()
-        Rdict.destroy(str(self.path))
-        self._db = Rdict(str(self.path), _options())
+        self._db = recreate_db(self._db, self.path)
 
     def close(self) -> None:
         self._db.close()

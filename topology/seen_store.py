@@ -20,7 +20,9 @@ import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import WriteBatch
+
+from topology.rocks import open_db, recreate_db
 
 _TIME = struct.Struct(">Q")
 _NEXT = b"\x00next"
@@ -28,19 +30,12 @@ _STREAM_TIME = b"\x00time"
 _NEXT_INPUT = b"\x00input"
 
 
-def _options() -> Options:
-    options = Options(raw_mode=True)
-    options.create_if_missing(True)
-    return options
-
-
 class SeenStore(Mapping[str, int]):
     """The sightings of one partition; writes go through `remember` only, in one atomic batch."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = Rdict(str(path), _options())
+        self._db = open_db(path)
 
     def __getitem__(self, message_id: str) -> int:
         value = self._db.get(b"m" + message_id.encode())
@@ -115,9 +110,7 @@ class SeenStore(Mapping[str, int]):
 
     def reset(self) -> None:
         """Forget everything: raw offsets went backwards, so the topics were recreated and the store is stale."""
-        self._db.close()
-        Rdict.destroy(str(self.path))
-        self._db = Rdict(str(self.path), _options())
+        self._db = recreate_db(self._db, self.path)
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,47 @@
+"""Reading one partition from an offset to a known end, in chunks: how a stage's store catches up.
+
+Both stores (dedup's SeenStore from events.raw, identity's from identity.state) rebuild the same way: assign
+the partition at the store's offset, read up to the high watermark taken before, and hand each chunk to the
+store together with the offset it reaches, so memory stays flat and a crash mid-way resumes from the last
+chunk. `enable.partition.eof` ends the read at a partition end that is below the watermark (transaction
+markers of a read_committed reader take offsets but are never delivered).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+
+def catch_up_consumer(bootstrap: str, group: str, *, read_committed: bool = False) -> Consumer:
+    """A consumer that is only ever `assign`ed and never commits; read_committed sees whole transactions only."""
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                              "enable.partition.eof": True}  # fmt: skip
+    if read_committed:
+        config["isolation.level"] = "read_committed"
+    return Consumer(config)
+
+
+def read_chunks(consumer: Consumer, topic: str, partition: int, start: int, high: int, chunk_size: int,
+                take: Callable[[Message], None], flush: Callable[[int], None]) -> None:  # fmt: skip
+    """`take` every record of topic[partition] from `start` to `high`; `flush(position)` after every
+    `chunk_size` records and at the end, with the offset reached (never beyond `high`)."""
+    position, taken = start, 0
+    if start < high:
+        consumer.assign([TopicPartition(topic, partition, start)])
+    while position < high:
+        for message in consumer.consume(num_messages=10_000, timeout=1.0):
+            error = message.error()
+            if error is None:
+                take(message)
+                taken += 1
+                position = message.offset() + 1
+            elif error.code() == KafkaError._PARTITION_EOF:
+                position = high
+            else:
+                raise KafkaException(error)
+        if taken >= chunk_size or position >= high:
+            flush(min(position, high))
+            taken = 0
