@@ -15,7 +15,8 @@ from urllib.parse import quote
 import aiohttp
 
 from agents.identity.protocol import identifier_key, identifier_record, profile_record
-from topology.identity_stage import IdentityStage, partition_for
+from topology.identity_stage import IdentityStage
+from topology.partitioned_stage import partition_for
 
 HOPS_HEADER = "X-CDP-Hops"
 MAX_HOPS = 8

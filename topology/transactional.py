@@ -10,12 +10,13 @@ cut off by a rebalance), which then can't write there at all. Blocking calls: ru
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import confluent_kafka
 from confluent_kafka import KafkaException
 
 from agents.errors import DeliveryFailed
-from topology.producer import producer_config
+from topology.producer import Record, producer_config
 
 TRANSACTION_TIMEOUT_MS = 60_000
 
@@ -36,9 +37,10 @@ class TransactionalWriter:
         except KafkaException as exc:
             raise DeliveryFailed(f"can't start transactions on {topic}[{partition}]: {exc.args[0].str()}") from exc
 
-    def write(self, records: Sequence[tuple[bytes, bytes | None]]) -> list[int]:
-        """Write (key, value) records as one transaction; returns their offsets. Raises DeliveryFailed (nothing
-        of the batch is visible then); after a fatal error (fenced: another owner took over) `broken` is set."""
+    def write(self, records: Sequence[tuple[bytes, bytes | None]], atomic: Sequence[Record] = ()) -> list[int]:
+        """Write (key, value) records to the partition, and `atomic` records to their own topics, as one
+        transaction; returns the partition records' offsets. Raises DeliveryFailed (nothing of the batch is
+        visible then); after a fatal error (fenced: another owner took over) `broken` is set."""
         offsets: list[int] = []
         errors: list[str] = []
 
@@ -48,16 +50,17 @@ class TransactionalWriter:
             else:
                 offsets.append(message.offset())
 
+        def checked(error: object, message: confluent_kafka.Message) -> None:
+            if error is not None:
+                errors.append(str(error))
+
         producer = self._producer
         try:
             producer.begin_transaction()
             for key, value in records:
-                while True:
-                    try:
-                        producer.produce(self.topic, value, key, partition=self.partition, on_delivery=delivered)
-                        break
-                    except BufferError:
-                        producer.poll(0.01)
+                self._produce(self.topic, key, value, self.partition, delivered)
+            for record in atomic:
+                self._produce(record.topic, record.key, record.value, record.partition, checked)
             producer.flush(self.timeout_s)
             if errors:
                 raise DeliveryFailed(f"{self.topic}[{self.partition}]: {errors[0]}")
@@ -72,6 +75,15 @@ class TransactionalWriter:
             self._abort()
             raise
         return offsets
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None, on_delivery: Any) -> None:
+        kwargs = {} if partition is None else {"partition": partition}
+        while True:
+            try:
+                self._producer.produce(topic, value, key, on_delivery=on_delivery, **kwargs)
+                return
+            except BufferError:
+                self._producer.poll(0.01)
 
     def _abort(self) -> None:
         try:

@@ -1,12 +1,14 @@
-"""One identity partition's records in RocksDB (rocksdict), mirrored from its partition of cdp.identity.state.
+"""One partition of a stage's records in RocksDB (rocksdict), mirrored from its partition of the stage's changelog
+(cdp.identity.state, cdp.compute.state).
 
 The changelog is the truth, the local store a cache of it: a batch's changes are written to the changelog
 first and applied locally only once Kafka acknowledged them, together with the changelog offset they reach
 (`changelog_next`). A worker that gets a partition, or restarts after a SIGKILL, reads the changelog from that
 offset to its end, so the local store can never be ahead of what another worker would rebuild.
 
-Values are JSON (orjson) for the protocol's records (agents/identity/protocol.py); `Transaction` gives the
-protocol its `State` for one batch: reads fall through to the store, writes collect as encoded changes.
+Values are JSON (orjson) records of the stage's pure logic (agents/identity/protocol.py, agents/compute/engine.py);
+`Transaction` gives that logic its state for one batch: reads fall through to the store, writes collect as
+encoded changes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ _CHANGELOG_NEXT = b"\x00changelog"
 _APPLIED_AT = b"\x00applied_at"
 
 
-class IdentityStore:
+class StateStore:
     """The records of one partition; changed only through `apply`, in one atomic batch."""
 
     def __init__(self, path: Path) -> None:
@@ -82,9 +84,9 @@ class IdentityStore:
 
 
 class Transaction:
-    """The protocol's `State` for one batch: reads see the batch's own writes, writes become `changes`."""
+    """A stage's state for one batch: reads see the batch's own writes, writes become `changes`."""
 
-    def __init__(self, store: IdentityStore) -> None:
+    def __init__(self, store: StateStore) -> None:
         self.store = store
         self.changes: dict[str, bytes | None] = {}
 
