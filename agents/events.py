@@ -65,6 +65,19 @@ class IdentityState(TypedDict):
     record: JsonObject
 
 
+class ComputeCommand(TypedDict):
+    """A message between compute partitions (agents/compute/engine.py); cdp.compute.commands, key: profile id."""
+
+    kind: str
+    body: JsonObject
+
+
+class ComputeState(TypedDict):
+    """One record of a compute partition's state; cdp.compute.state (compacted), key: record key."""
+
+    record: JsonObject
+
+
 class DeadLetter(TypedDict):
     """A record a stage gave up on, with the reason and its original bytes; the dead-letter topics."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import requests
 import yaml
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from topology.admin import ensure_topics
@@ -184,9 +184,11 @@ class Read:
 
 
 def read_topic(bootstrap: str, topic: str, *, until: Callable[[list[Read]], bool], timeout: float, decode: bool = True) -> list[Read]:
-    schemas = {"dead-letter": "dead_letter", "resolved": "resolved_event", "merges": "merge_log_entry"}
+    schemas = {"dead-letter": "dead_letter", "resolved": "resolved_event", "merges": "merge_log_entry",
+               "profile.changes": "profile_change", "audience.membership": "audience_membership_change"}  # fmt: skip
     schema = next((name for suffix, name in schemas.items() if topic.endswith(suffix)), "raw_event")
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}", "enable.auto.commit": False})
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}", "enable.auto.commit": False,
+                         "isolation.level": "read_committed", "enable.partition.eof": True})  # fmt: skip
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])  # offset 0: from the beginning
@@ -218,3 +220,5 @@ def _drain_to_end(consumer: Consumer, topic: str, partitions: Any, records: list
                 value = decode_value(schema, message.value()) if schema else None
                 records.append(Read(message.partition(), message.offset(), message.key(), message.value(), message.timestamp()[1], value))
                 seen[message.partition()] = message.offset()
+            elif message.error().code() == KafkaError._PARTITION_EOF:  # transaction markers take offsets too
+                seen[message.partition()] = max(seen[message.partition()], message.offset() - 1)

@@ -4,10 +4,12 @@ Read this file first. `STAGES` is the graph as data (what `cdp topology` prints)
 edges into a Faust app for a worker, and `ingest_server()` builds the HTTP ingest. Only stages that work are
 wired; the other topics of the product are declared in topology/topics.py and created by `cdp topics`.
 
-    HTTP /v1/* ──▶ ingest ──▶ cdp.events.accepted ──▶ dedup ──▶ cdp.events.raw ──▶ identity ──▶ cdp.events.resolved
-                                                         └──▶ cdp.events.dead-letter     │  ▲   └──▶ cdp.identity.merges
+    HTTP /v1/* ──▶ ingest ──▶ cdp.events.accepted ──▶ dedup ──▶ cdp.events.raw ──▶ identity ──▶ cdp.events.resolved ─┐
+                                                         └──▶ cdp.events.dead-letter     │  ▲   └──▶ cdp.identity.merges ──┤
                                                                  cdp.identity.commands ──┘  │        (state: cdp.identity.state)
-                                                                                └───────────┘
+                                                                                └───────────┘                             ▼
+          cdp.definitions (compacted; every worker follows it) ──▶ compute ◀──▶ cdp.compute.commands   (state: cdp.compute.state)
+                                                                     └──▶ cdp.profile.changes, cdp.audience.membership
 """
 
 from __future__ import annotations
@@ -17,19 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from faust.web import View
 
+from agents.errors import CdpError, ConfigError
+from agents.identity.protocol import IdentityProtocol
 from topology.codecs import AvroCodec, SchemaRepository
+from topology.compute_stage import TICK_S, ComputeCodecs, ComputeStage, ComputeTopics
+from topology.compute_views import INTERNAL, PAGE_DEFAULT, ComputeViews
 from topology.config import Settings
 from topology.dedup_stage import DedupStage
+from topology.definitions_feed import KINDS, DefinitionsFeed
 from topology.http import IngestServer
 from topology.identity_stage import IdentityCodecs, IdentityStage, IdentityTopics
-from topology.identity_views import HOPS_HEADER, IdentityViews
+from topology.identity_views import IdentityViews
 from topology.metrics import Metric, process_cpu, render
 from topology.producer import AsyncProducer, producer_config
-from agents.identity.protocol import IdentityProtocol
+from topology.routing import HOPS_HEADER, Router
 from topology.topics import (
-    ALL_TOPICS, EVENTS_ACCEPTED, EVENTS_DEAD_LETTER, EVENTS_RAW, EVENTS_RESOLVED, IDENTITY_COMMANDS, IDENTITY_MERGES,
-    IDENTITY_STATE, TopicSpec,
+    ALL_TOPICS, AUDIENCE_MEMBERSHIP, COMPUTE_COMMANDS, COMPUTE_STATE, DEFINITIONS, EVENTS_ACCEPTED, EVENTS_DEAD_LETTER,
+    EVENTS_RAW, EVENTS_RESOLVED, IDENTITY_COMMANDS, IDENTITY_MERGES, IDENTITY_STATE, PROFILE_CHANGES, TopicSpec,
 )  # fmt: skip
 
 
@@ -61,6 +69,12 @@ STAGES: tuple[StageSpec, ...] = (
         (EVENTS_RESOLVED, IDENTITY_MERGES, IDENTITY_COMMANDS, IDENTITY_STATE, EVENTS_DEAD_LETTER),
         ("identifiers, profiles, sagas: RocksDB per partition, changelog = identity.state",),
         "resolves every identifier to one profile; owners per identifier/profile/event talk over identity.commands",
+    ),
+    StageSpec(
+        "compute", "cdp worker (Faust agent 'compute')", (EVENTS_RESOLVED, IDENTITY_MERGES, COMPUTE_COMMANDS, DEFINITIONS),
+        (PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, COMPUTE_COMMANDS, COMPUTE_STATE, EVENTS_DEAD_LETTER),
+        ("trait states, memberships, merge forwards: RocksDB per partition, changelog = compute.state",),
+        "computed traits and audiences per profile, folded on merges, windows slid by a clock; changes exactly once",
     ),
 )  # fmt: skip
 
@@ -97,6 +111,8 @@ class Graph:
     app: faust.App
     dedup: DedupStage
     identity: IdentityStage
+    compute: ComputeStage
+    definitions: DefinitionsFeed
 
 
 def worker_data_dir(settings: Settings) -> Path:
@@ -150,7 +166,18 @@ def build(settings: Settings) -> Graph:
     )
     app.agent(accepted, name="dedup")(dedup.run)
     identity = _identity_stage(app, settings, codecs, producer)
-    views = IdentityViews(identity, IDENTITY_COMMANDS.partition_count(settings), app.assignor.external_topics_metadata)
+    definitions = DefinitionsFeed(
+        bootstrap=settings.kafka_bootstrap, topic=DEFINITIONS.name(settings), codec=codecs.for_topic(DEFINITIONS),
+        traits=settings.traits, audiences=settings.audiences, destinations=settings.destinations,
+    )  # fmt: skip
+    compute = _compute_stage(app, settings, codecs, producer, definitions)
+    owners = app.assignor.external_topics_metadata
+    compute_views = ComputeViews(
+        Router(compute, compute.topics.resolved, EVENTS_RESOLVED.partition_count(settings), owners),
+        lambda: definitions.live, compute.now,
+    )  # fmt: skip
+    views = IdentityViews(Router(identity, identity.topics.commands, IDENTITY_COMMANDS.partition_count(settings), owners),
+                          compute_views.enrich)  # fmt: skip
 
     def partitions(tps: Any, topic: str) -> set[int]:
         return {tp.partition for tp in tps if tp.topic == topic}
@@ -159,11 +186,21 @@ def build(settings: Settings) -> Graph:
     async def _stop_writing_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         dedup.on_partitions_revoked(partitions(revoked, accepted.get_topic_name()))
         await identity.on_partitions_revoked(partitions(revoked, identity.topics.commands))
+        await compute.on_partitions_revoked(partitions(revoked, compute.topics.resolved))
 
     @app.on_partitions_assigned.connect
     async def _catch_up_on_assignment(sender: Any, assigned: Any, **kwargs: Any) -> None:
         dedup.on_partitions_assigned(partitions(assigned, accepted.get_topic_name()))
         identity.on_partitions_assigned(partitions(assigned, identity.topics.commands))
+        compute.on_partitions_assigned(partitions(assigned, compute.topics.resolved))
+
+    @app.task
+    async def _follow_definitions() -> None:
+        definitions.start()
+
+    @app.timer(interval=TICK_S)
+    async def _slide_windows() -> None:
+        await compute.tick()  # never raises: an exception escaping a timer would kill the worker
 
     def hops(request: Any) -> int:
         return int(request.headers.get(HOPS_HEADER, "0") or 0)
@@ -182,6 +219,74 @@ def build(settings: Settings) -> Graph:
     async def _profile_merges(web: Any, request: Any, profile_id: str) -> Any:
         status, body = await views.profile(profile_id, hops(request), merges=True)
         return web.json(body, status=status)
+
+    @app.page("/v1/audiences")
+    async def _audiences(web: Any, request: Any) -> Any:
+        status, body = await compute_views.audiences(hops(request))
+        return web.json(body, status=status)
+
+    @app.page("/v1/audiences/{key}/members")
+    async def _members(web: Any, request: Any, key: str) -> Any:
+        try:
+            limit = int(request.query.get("limit", PAGE_DEFAULT))
+        except ValueError:
+            return web.json({"error": f"limit must be a number, not {request.query.get('limit')!r}"}, status=400)
+        status, body = await compute_views.members(key, request.query.get("cursor"), limit, hops(request))
+        return web.json(body, status=status)
+
+    @app.page(INTERNAL + "/profiles/{profile_id}")
+    async def _compute_profile(web: Any, request: Any, profile_id: str) -> Any:
+        status, body = await compute_views.profile(profile_id, hops(request))
+        return web.json(body, status=status)
+
+    @app.page(INTERNAL + "/sizes/{partition}")
+    async def _sizes(web: Any, request: Any, partition: str) -> Any:
+        status, body = await compute_views.sizes_in(int(partition), hops(request))
+        return web.json(body, status=status)
+
+    @app.page("/v1/backfills")
+    async def _backfills(web: Any, request: Any) -> Any:
+        status, body = await compute_views.backfills(hops(request))
+        return web.json(body, status=status)
+
+    @app.page(INTERNAL + "/backfills/{partition}")
+    async def _backfills_in(web: Any, request: Any, partition: str) -> Any:
+        status, body = await compute_views.backfills_in(int(partition), hops(request))
+        return web.json(body, status=status)
+
+    @app.page(INTERNAL + "/members/{key}/{partition}")
+    async def _members_in(web: Any, request: Any, key: str, partition: str) -> Any:
+        after, limit = request.query.get("after", ""), int(request.query.get("limit", PAGE_DEFAULT))
+        status, body = await compute_views.members_in(key, int(partition), after, limit, hops(request))
+        return web.json(body, status=status)
+
+    @app.page("/v1/definitions/{kinds}")
+    class _Definitions(View):
+        async def get(self, request: Any, kinds: str) -> Any:
+            if kinds not in KINDS:
+                return self.json({"error": f"unknown definition kind {kinds!r}; one of {sorted(KINDS)}"}, status=404)
+            held = definitions.held(KINDS[kinds])
+            return self.json({kinds: [{"definition": h.body, "version": h.version, "updated_at": h.updated_at,
+                                       "origin": "config" if h.updated_at is None else "api"} for h in held]})  # fmt: skip
+
+        async def post(self, request: Any, kinds: str) -> Any:
+            if kinds not in KINDS:
+                return self.json({"error": f"unknown definition kind {kinds!r}; one of {sorted(KINDS)}"}, status=404)
+            if not settings.admin_token:
+                return self.json({"error": "the definitions API is off: set CDP_ADMIN_TOKEN"}, status=403)
+            if request.headers.get("Authorization", "") != f"Bearer {settings.admin_token}":
+                return self.json({"error": "admin token missing or wrong (Authorization: Bearer <CDP_ADMIN_TOKEN>)"}, status=401)
+            try:
+                body = await request.json()
+            except ValueError as exc:
+                return self.json({"error": f"the body is not JSON: {exc}"}, status=400)
+            try:
+                held = await definitions.publish(KINDS[kinds], body, producer())
+            except ConfigError as exc:
+                return self.json({"error": str(exc)}, status=400)
+            except CdpError as exc:
+                return self.json({"error": str(exc)}, status=503)
+            return self.json({"definition": held.body, "version": held.version, "updated_at": held.updated_at}, status=201)
 
     @app.page("/health")
     async def _health(web: Any, request: Any) -> Any:
@@ -203,12 +308,19 @@ def build(settings: Settings) -> Graph:
             if tp.topic in (identity.topics.raw, identity.topics.commands) and applied is not None and highwater is not None:
                 lag.add(max(highwater - applied, 0), stage="identity", topic=tp.topic, partition=str(tp.partition))
         caught_up = Metric("cdp_dedup_caught_up_total", "counter", "sightings read back from the raw topic")
+        for tp in sorted(app.consumer.assignment()):
+            applied, highwater = compute.applied_offset(tp.partition, tp.topic), app.consumer.highwater(tp)
+            if applied is not None and highwater is not None:
+                lag.add(max(highwater - applied, 0), stage="compute", topic=tp.topic, partition=str(tp.partition))
         ident = Metric("cdp_identity_total", "counter", "identity stage work, by what was done")
         for name, count in vars(identity.counters).items():
             ident.add(count, what=name)
-        return web.text(render([events, lag, caught_up.add(counters.caught_up), ident, process_cpu()]))
+        comp = Metric("cdp_compute_total", "counter", "compute stage work, by what was done")
+        for name, count in vars(compute.counters).items():
+            comp.add(count, what=name)
+        return web.text(render([events, lag, caught_up.add(counters.caught_up), ident, comp, process_cpu()]))
 
-    return Graph(app=app, dedup=dedup, identity=identity)
+    return Graph(app=app, dedup=dedup, identity=identity, compute=compute, definitions=definitions)
 
 
 def _identity_stage(app: faust.App, settings: Settings, codecs: Codecs, producer: _LazyProducer) -> IdentityStage:
@@ -236,6 +348,38 @@ def _identity_stage(app: faust.App, settings: Settings, codecs: Codecs, producer
         partitions=EVENTS_RAW.partition_count(settings),
     )  # fmt: skip
     app.agent(channel, name="identity")(stage.run)
+    return stage
+
+
+def _compute_stage(app: faust.App, settings: Settings, codecs: Codecs, producer: _LazyProducer,
+                   definitions: DefinitionsFeed) -> ComputeStage:  # fmt: skip
+    """The compute agent: one stream over events.resolved, identity.merges and compute.commands (co-partitioned)."""
+    topics = ComputeTopics(
+        resolved=EVENTS_RESOLVED.name(settings), merges=IDENTITY_MERGES.name(settings),
+        commands=COMPUTE_COMMANDS.name(settings), state=COMPUTE_STATE.name(settings),
+        changes=PROFILE_CHANGES.name(settings), membership=AUDIENCE_MEMBERSHIP.name(settings),
+        dead_letter=EVENTS_DEAD_LETTER.name(settings),
+    )  # fmt: skip
+    stage = ComputeStage(
+        topics=topics,
+        codecs=ComputeCodecs(
+            resolved=codecs.for_topic(EVENTS_RESOLVED), merges=codecs.for_topic(IDENTITY_MERGES),
+            command=codecs.for_topic(COMPUTE_COMMANDS), state=codecs.for_topic(COMPUTE_STATE),
+            changes=codecs.for_topic(PROFILE_CHANGES), membership=codecs.for_topic(AUDIENCE_MEMBERSHIP),
+            dead_letter=codecs.for_topic(EVENTS_DEAD_LETTER),
+        ),  # fmt: skip
+        live=lambda: definitions.live,
+        live_ready=definitions.caught_up.is_set,
+        partitions=EVENTS_RESOLVED.partition_count(settings),
+        store_dir=worker_data_dir(settings) / "compute",
+        bootstrap=settings.kafka_bootstrap,
+        producer=producer,
+    )
+    channel = app.topic(
+        topics.resolved, topics.merges, topics.commands, key_type=bytes, value_type=bytes, key_serializer="raw",
+        value_serializer="raw", partitions=EVENTS_RESOLVED.partition_count(settings),
+    )  # fmt: skip
+    app.agent(channel, name="compute")(stage.run)
     return stage
 
 

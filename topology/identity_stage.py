@@ -10,7 +10,6 @@ is never resolved twice to different profiles: its decision is in the changelog 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,9 @@ from typing import Any
 from agents.errors import InvalidMessage, UndecodableError
 from agents.identity.protocol import IdentityProtocol, Outputs, Resolved, event_command
 from topology.codecs import AvroCodec
-from topology.partitioned_stage import Output, PartitionedStage, StageIO, partition_for
+from topology.partitioned_stage import BATCH, Output, PartitionedStage, StageIO, command_records, partition_for
 from topology.producer import AsyncProducer, Record
 from topology.state_store import Transaction
-
-BATCH = "batch"  # a record of cdp.identity.commands carrying several commands for one partition
-
 
 @dataclass(frozen=True)
 class IdentityTopics:
@@ -119,23 +115,15 @@ class IdentityStage(PartitionedStage):
             out.outbox.extend(["l", entry] for entry in attempt_out.log)
 
     def outbox_records(self, items: Sequence[Any]) -> list[Record]:
-        """Commands go as one record per owner partition, not per command: Faust's cost is per record, and a
-        batch of commands for one partition is applied in order, as separate records would be."""
         records: list[Record] = []
-        by_partition: dict[int, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
         for item in items:
-            if item[0] == "c":
-                by_partition[partition_for(item[1], self.partitions)].append((item[1], item[2]))
-            elif item[0] == "r":
+            if item[0] == "r":
                 value = self.codecs.resolved.encode({"profile_id": item[1], "identifiers": item[2], "event": item[3]})
                 records.append(Record(self.topics.resolved, item[1].encode(), value))
-            else:
+            elif item[0] == "l":
                 records.append(Record(self.topics.merges, item[1]["survivor_profile_id"].encode(), self.codecs.merges.encode(item[1])))
-        for owner, keyed in by_partition.items():
-            body = keyed[0][1] if len(keyed) == 1 else {"kind": BATCH, "commands": [c for _, c in keyed]}
-            value = self.codecs.command.encode({"kind": body["kind"], "body": body})
-            records.append(Record(self.topics.commands, keyed[0][0].encode(), value, owner))
-        return records
+        commands = [(item[1], item[2]) for item in items if item[0] == "c"]
+        return records + command_records(commands, self.topics.commands, self.codecs.command, self.partitions)
 
     def sent(self, items: Sequence[Any]) -> None:
         for item in items:

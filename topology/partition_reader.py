@@ -45,3 +45,23 @@ def read_chunks(consumer: Consumer, topic: str, partition: int, start: int, high
         if taken >= chunk_size or position >= high:
             flush(min(position, high))
             taken = 0
+
+
+def read_range(consumer: Consumer, topic: str, partition: int, start: int, end: int, limit: int) -> tuple[list[Message], int]:
+    """Up to `limit` records of topic[partition] from `start` (before `end`), and the offset to go on from."""
+    consumer.assign([TopicPartition(topic, partition, start)])
+    taken: list[Message] = []
+    position = start
+    while position < end and len(taken) < limit:
+        for message in consumer.consume(num_messages=min(limit - len(taken), 10_000), timeout=1.0):
+            error = message.error()
+            if error is None:
+                if message.offset() >= end:
+                    return taken, end
+                taken.append(message)
+                position = message.offset() + 1
+            elif error.code() == KafkaError._PARTITION_EOF:
+                return taken, end  # nothing more before `end`
+            else:
+                raise KafkaException(error)
+    return taken, min(position, end)

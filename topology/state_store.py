@@ -44,10 +44,13 @@ class StateStore:
         value = self._db.get(key.encode())
         return None if value is None else bytes(value)
 
-    def keys(self, prefix: str) -> Iterator[str]:
+    def keys(self, prefix: str, after: str = "") -> Iterator[str]:
+        """Keys under `prefix` in byte order, from the first one past `prefix + after` when `after` is given."""
         it = self._db.iter()
         start = prefix.encode()
-        it.seek(start)
+        it.seek(start + after.encode())
+        if after and it.valid() and it.key() == start + after.encode():
+            it.next()
         while it.valid() and it.key().startswith(start):
             yield it.key().decode()
             it.next()

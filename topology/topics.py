@@ -52,6 +52,15 @@ IDENTITY_STATE = TopicSpec(
     "identity.state", "identity_state", "record key", "changelog of the identity stores, partition by partition",
     compacted=True,
 )  # fmt: skip
+COMPUTE_COMMANDS = TopicSpec(
+    "compute.commands", "compute_command", "profile_id",
+    "the compute stage's messages between partitions (merged state handed over, forwarded events); same partition "
+    "count as events.resolved",
+)  # fmt: skip
+COMPUTE_STATE = TopicSpec(
+    "compute.state", "compute_state", "record key", "changelog of the compute stores, partition by partition",
+    compacted=True,
+)  # fmt: skip
 PROFILE_CHANGES = TopicSpec("profile.changes", "profile_change", "profile_id", "trait changes, only on change")
 AUDIENCE_MEMBERSHIP = TopicSpec(
     "audience.membership", "audience_membership_change", "profile_id", "audience entered/exited, once per change"
@@ -65,5 +74,5 @@ DEFINITIONS = TopicSpec(
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     EVENTS_ACCEPTED, EVENTS_RAW, EVENTS_DEAD_LETTER, EVENTS_RESOLVED, IDENTITY_MERGES, IDENTITY_COMMANDS, IDENTITY_STATE,
-    PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, SYNC_OUTCOMES, SYNC_DEAD_LETTER, DEFINITIONS,
+    COMPUTE_COMMANDS, COMPUTE_STATE, PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, SYNC_OUTCOMES, SYNC_DEAD_LETTER, DEFINITIONS,
 )  # fmt: skip

@@ -56,8 +56,15 @@ def holds(condition: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
         return any(holds(c, values) for c in condition["any"])
     if "not" in condition:
         return not holds(condition["not"], values)
-    actual = read_path(values, condition["property"])
     op, expected = next((k, v) for k, v in condition.items() if k != "property")
+    return compare(op, read_path(values, condition["property"]), expected)
+
+
+def compare(op: str, actual: Any, expected: Any) -> bool:
+    """One leaf comparison, shared by event `where` conditions and audience conditions so an operator means the same
+    in both: gt/gte/lt/lte order numbers only (a bool is not one), so a missing value or a string never passes them;
+    exists asks is-not-None; contains looks into a list, or into a string for a string; in looks `actual` up in the
+    list `expected`."""
     if op == "exists":
         return (actual is not None) == bool(expected)
     if op == "eq":
@@ -66,8 +73,10 @@ def holds(condition: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
         return actual != expected
     if op == "in":
         return actual in expected
-    if op == "contains":
-        return isinstance(actual, (str, list)) and expected in actual
+    if op == "contains":  # a string holds only strings: `5 in "a5"` raises TypeError, and profile data varies
+        if isinstance(actual, str):
+            return isinstance(expected, str) and expected in actual
+        return isinstance(actual, list) and expected in actual
     if not _number(actual) or not _number(expected):
         return False
     return {"gt": actual > expected, "gte": actual >= expected, "lt": actual < expected, "lte": actual <= expected}[op]

@@ -184,6 +184,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "identity_command": {"kind": "claim", "body": {"kind": "claim", "message_id": "m-1", "index": 0, "type": "email",
                                                    "value": "a@b.io", "candidate": "p-1"}},
     "identity_state": {"record": {"p": "p-1"}},
+    "compute_command": {"kind": "fold_out", "body": {"kind": "fold_out", "profile": "p-2", "into": "p-1", "at": T0}},
+    "compute_state": {"record": {"t": {"orders": {"a": 2}}, "v": {"orders": 2}, "i": {}, "m": {}, "seq": 3, "x": None}},
     "profile_change": {
         "profile_id": "p-1", "trait": "orders_30d", "origin": "computed", "old_value": None,
         "new_value": {"count": 3}, "timestamp": T0, "message_id": "m-1", "seq": 7,

@@ -50,7 +50,7 @@ def oracle(definition: TraitDefinition, stream: list[dict[str, Any]], now: int) 
     """The trait computed directly from the events: filter, window by bucket, aggregate."""
     picked = []
     for e in stream:
-        name = e["event"] if e["type"] == "track" else "Page Viewed"
+        name = {"track": e["event"], "page": "Page Viewed", "screen": "Screen Viewed"}.get(e["type"])
         if (definition.event is None and e["type"] != "track") or (definition.event is not None and name != definition.event):
             continue
         if definition.where is not None and not where_holds(definition.where, e["properties"]):

@@ -1,0 +1,317 @@
+"""Audience definitions, and the catalog of every trait and audience the compute stage runs, checked as a whole.
+
+An audience (PRODUCT.md): `{"key": "big_spenders", "when": {"all": [{"trait": "ltv", "gte": 500},
+{"event": "Order Completed", "within": "30d", "count": {"gte": 2}}, {"not": {"audience": "churned"}}]}}`.
+`when` is `all` / `any` / `not` over three leaves: a trait (a computed trait's key, or `traits.<path>` into the
+profile's identify traits) with one operator; an event count (no `count`: at least once), kept as a hidden count
+trait named by `counter_key`, one per distinct event/where/within, so audiences asking the same question share
+state; membership in another audience. The catalog checks what one definition alone can't (references exist, no
+cycle) and orders audiences so one pass in that order has every membership an audience reads.
+Errors are ConfigError naming the definition and the path inside `when`; the HTTP API returns them as 400 bodies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+
+from agents.compute.definitions import OPERATORS, TraitDefinition, check_condition, parse_trait
+from agents.compute.traits import compare
+from agents.durations import parse_duration_ms
+from agents.errors import ConfigError
+from agents.paths import read_path
+
+AUDIENCE_FIELDS = ("key", "when", "description")
+EVENT_FIELDS = ("event", "where", "within", "count")
+COUNT_OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte")
+NUMERIC_OPERATORS = ("gt", "gte", "lt", "lte")
+IDENTIFY = "traits."  # a trait leaf reading the profile's identify traits, not a computed trait
+COUNTER = "~"  # prefix of hidden counter keys; reserved, so a user trait can't collide with one
+AT_LEAST_ONCE: Mapping[str, int] = MappingProxyType({"gte": 1})
+KINDS = ("trait", "audience")
+
+
+@dataclass(frozen=True)
+class AudienceDefinition:
+    """One audience; `when` is its checked condition as written."""
+
+    key: str
+    when: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every definition, checked together. `audiences` is in dependency order; `sources` keeps each definition's
+    JSON as given ((kind, key) -> raw, in definition order), so it can be shown back and rebuilt with a change."""
+
+    traits: Mapping[str, TraitDefinition]
+    audiences: Mapping[str, AudienceDefinition]
+    counters: Mapping[str, TraitDefinition]
+    sources: Mapping[tuple[str, str], Mapping[str, Any]]
+
+    @classmethod
+    def empty(cls) -> Catalog:
+        return build_catalog([], [])
+
+    @property
+    def all_traits(self) -> Mapping[str, TraitDefinition]:
+        """What the compute engine keeps state for: the user's traits and the hidden counters."""
+        return MappingProxyType({**self.traits, **self.counters})
+
+    def with_definition(self, kind: str, raw: Any) -> Catalog:
+        """A new catalog with `raw` added (or replacing the one with its key, in place), re-checked as a whole: what
+        an HTTP POST validates with, so a definition that breaks a reference or makes a cycle is refused."""
+        if kind not in KINDS:
+            raise ConfigError(f"unknown definition kind {kind!r}; kinds: {', '.join(KINDS)}")
+        key = (parse_trait(raw) if kind == "trait" else parse_audience(raw)).key
+        sources = {**self.sources, (kind, key): raw}
+        return build_catalog([r for (k, _), r in sources.items() if k == "trait"],
+                             [r for (k, _), r in sources.items() if k == "audience"])  # fmt: skip
+
+
+def parse_audience(raw: Any) -> AudienceDefinition:
+    """An audience definition from its JSON/YAML form; raises ConfigError naming the audience and the problem."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"an audience definition is an object, not {raw!r}")
+    key = raw.get("key")
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"an audience definition needs a non-empty string key, got {key!r}")
+    unknown = set(raw) - set(AUDIENCE_FIELDS)
+    if unknown:
+        fields = sorted(unknown, key=str)
+        raise ConfigError(f"audience {key!r}: unknown fields {fields}; known: {', '.join(AUDIENCE_FIELDS)}")
+    if not isinstance(raw.get("description", ""), str):
+        raise ConfigError(f"audience {key!r}: description must be a string, not {raw['description']!r}")
+    if "when" not in raw:
+        raise ConfigError(f"audience {key!r}: needs a when condition")
+    for where, leaf in _leaves(raw["when"], f"audience {key!r}: when"):
+        _check_leaf(leaf, where)
+    return AudienceDefinition(key, raw["when"])
+
+
+def _check_leaf(leaf: Mapping[str, Any], where: str) -> None:
+    kind = _leaf_kind(leaf)
+    if kind is None:
+        fields = sorted(leaf, key=str)
+        raise ConfigError(f"{where}: a condition is all, any, not, or a trait, event or audience leaf; got {fields}")
+    if kind == "audience" and (len(leaf) != 1 or not isinstance(leaf["audience"], str) or not leaf["audience"]):
+        raise ConfigError(f'{where}: an audience leaf is {{"audience": "<key>"}} alone, not {dict(leaf)!r}')
+    if kind != "audience":
+        (_check_trait_leaf if kind == "trait" else _check_event_leaf)(leaf, where)
+
+
+def _check_trait_leaf(leaf: Mapping[str, Any], where: str) -> None:
+    name = leaf["trait"]
+    if not isinstance(name, str) or not name or name == IDENTIFY:
+        raise ConfigError(f"{where}: trait names a computed trait or traits.<name>, not {name!r}")
+    operators = [op for op in leaf if op != "trait"]
+    if len(operators) != 1:
+        raise ConfigError(f"{where}: trait {name!r} takes one operator of {', '.join(OPERATORS)}, got {operators}")
+    _check_operator(operators[0], leaf[operators[0]], OPERATORS, where)
+
+
+def _check_event_leaf(leaf: Mapping[str, Any], where: str) -> None:
+    unknown = set(leaf) - set(EVENT_FIELDS)
+    if unknown:
+        fields = sorted(unknown, key=str)
+        raise ConfigError(f"{where}: unknown fields {fields}; an event leaf has {', '.join(EVENT_FIELDS)}")
+    if not isinstance(leaf["event"], str) or not leaf["event"]:
+        raise ConfigError(f"{where}: event must be a non-empty string (the event's name), not {leaf['event']!r}")
+    if leaf.get("where") is not None:
+        check_condition(leaf["where"], f"{where}: where")
+    _window_ms(leaf, where)
+    if "count" in leaf:
+        count = leaf["count"]
+        if not isinstance(count, Mapping) or len(count) != 1:
+            raise ConfigError(f'{where}: count takes one operator of {", ".join(COUNT_OPERATORS)} and a whole number, '
+                              f'e.g. {{"gte": 2}}, not {count!r}')  # fmt: skip
+        ((op, expected),) = count.items()
+        _check_operator(op, expected, COUNT_OPERATORS, f"{where}: count")
+        if not isinstance(expected, int) or isinstance(expected, bool):
+            raise ConfigError(f"{where}: count: {op} takes a whole number, not {expected!r}")
+
+
+def _check_operator(op: Any, expected: Any, allowed: Sequence[str], where: str) -> None:
+    """Refuse what could never hold (gt on a string, in on a non-list) rather than let it be silently false."""
+    if op not in allowed:
+        raise ConfigError(f"{where}: unknown operator {op!r}; operators: {', '.join(allowed)}")
+    if op == "in" and not isinstance(expected, list):
+        raise ConfigError(f"{where}: in takes a list, not {expected!r}")
+    if op == "exists" and not isinstance(expected, bool):
+        raise ConfigError(f"{where}: exists takes true or false, not {expected!r}")
+    if op in NUMERIC_OPERATORS and not _number(expected):
+        raise ConfigError(f"{where}: {op} compares numbers, not {expected!r}")
+
+
+def _window_ms(leaf: Mapping[str, Any], where: str) -> int | None:
+    within = leaf.get("within")
+    if within is None:
+        return None
+    try:
+        window_ms = parse_duration_ms(within)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: within: bad duration {within!r} (write it like 90s, 5m, 2h or 30d)") from None
+    if window_ms < 1_000:
+        raise ConfigError(f"{where}: within: must be at least 1s, not {within!r}")
+    return window_ms
+
+
+def counter_key(leaf: Mapping[str, Any]) -> str:
+    """The hidden count trait of an event leaf, named by what it counts (event, where, within) and nothing else: leaves
+    asking the same question share one state, and the name stays put across restarts and definition changes."""
+    counted = {"event": leaf["event"], "where": leaf.get("where"), "within": leaf.get("within")}
+    return COUNTER + hashlib.sha1(orjson.dumps(counted, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def counter_definition(leaf: Mapping[str, Any]) -> TraitDefinition:
+    """The count trait behind a (checked) event leaf."""
+    window_ms = _window_ms(leaf, f"event {leaf['event']!r}")
+    return TraitDefinition(key=counter_key(leaf), kind="count", event=leaf["event"], window_ms=window_ms,
+                           where=leaf.get("where"))  # fmt: skip
+
+
+def build_catalog(traits: Sequence[Any], audiences: Sequence[Any]) -> Catalog:
+    """Parse and check every definition; ConfigError names the first problem (a duplicate, a dangling reference, a
+    cycle). Audiences come out after every audience they read, otherwise in definition order."""
+    parsed_traits = _unique("trait", [parse_trait(raw) for raw in traits])
+    parsed_audiences = _unique("audience", [parse_audience(raw) for raw in audiences])
+    for key in parsed_traits:
+        if key.startswith(COUNTER):
+            raise ConfigError(f"trait {key!r}: keys starting with {COUNTER!r} are reserved for hidden event counters")
+    for audience in parsed_audiences.values():
+        _check_references(audience, parsed_traits, parsed_audiences)
+    ordered = _dependency_order(parsed_audiences)
+    event_leaves = [leaf for a in ordered.values() for _, leaf in _leaves(a.when) if _leaf_kind(leaf) == "event"]
+    counters = {counter_key(leaf): counter_definition(leaf) for leaf in event_leaves}
+    sources = {("trait", d.key): raw for d, raw in zip(parsed_traits.values(), traits)}
+    sources.update({("audience", d.key): raw for d, raw in zip(parsed_audiences.values(), audiences)})
+    return Catalog(traits=MappingProxyType(parsed_traits), audiences=MappingProxyType(ordered),
+                   counters=MappingProxyType(counters), sources=MappingProxyType(sources))  # fmt: skip
+
+
+def _unique(kind: str, definitions: list[Any]) -> dict[str, Any]:
+    by_key: dict[str, Any] = {}
+    for definition in definitions:
+        if definition.key in by_key:
+            raise ConfigError(f"{kind} {definition.key!r} is defined twice")
+        by_key[definition.key] = definition
+    return by_key
+
+
+def _check_references(audience: AudienceDefinition, traits: Mapping[str, Any], audiences: Mapping[str, Any]) -> None:
+    for where, leaf in _leaves(audience.when):
+        kind = _leaf_kind(leaf)
+        if kind == "trait" and not leaf["trait"].startswith(IDENTIFY) and leaf["trait"] not in traits:
+            raise ConfigError(f"audience {audience.key!r}: {where}: unknown trait {leaf['trait']!r}; computed traits: "
+                              f"{_listing(traits)} (identify traits are written traits.<name>)")  # fmt: skip
+        if kind == "audience" and leaf["audience"] not in audiences:
+            raise ConfigError(f"audience {audience.key!r}: {where}: unknown audience {leaf['audience']!r}; "
+                              f"audiences: {_listing(audiences)}")  # fmt: skip
+
+
+def _listing(keys: Mapping[str, Any], limit: int = 20) -> str:
+    """Known keys for an error message, bounded: a 400 body should stay readable with a thousand traits."""
+    names = sorted(keys)
+    return (", ".join(names[:limit]) + (f", … ({len(names) - limit} more)" if len(names) > limit else "")) or "none"
+
+
+def _dependency_order(audiences: Mapping[str, AudienceDefinition]) -> dict[str, AudienceDefinition]:
+    """Depth first in definition order, each audience placed after those it reads; a cycle has no order: name it."""
+    ordered: dict[str, AudienceDefinition] = {}
+    path: list[str] = []
+
+    def visit(key: str) -> None:
+        if key in ordered:
+            return
+        if key in path:
+            raise ConfigError(f"audiences form a cycle: {' -> '.join(path[path.index(key):] + [key])}")
+        path.append(key)
+        for _, leaf in _leaves(audiences[key].when):
+            if _leaf_kind(leaf) == "audience":
+                visit(leaf["audience"])
+        path.pop()
+        ordered[key] = audiences[key]
+
+    for key in audiences:
+        visit(key)
+    return ordered
+
+
+def requirements(catalog: Catalog, audience_key: str) -> frozenset[str]:
+    """Every computed trait and counter key the audience reads, through the audiences it reads: what must change for
+    its membership to change. KeyError for an audience the catalog does not have."""
+    needed: set[str] = set()
+    seen, pending = {audience_key}, [audience_key]
+    while pending:
+        for _, leaf in _leaves(catalog.audiences[pending.pop()].when):
+            if _leaf_kind(leaf) == "trait" and not leaf["trait"].startswith(IDENTIFY):
+                needed.add(leaf["trait"])
+            elif _leaf_kind(leaf) == "event":
+                needed.add(counter_key(leaf))
+            elif _leaf_kind(leaf) == "audience" and leaf["audience"] not in seen:
+                seen.add(leaf["audience"])
+                pending.append(leaf["audience"])
+    return frozenset(needed)
+
+
+def evaluate(condition: Mapping[str, Any], *, traits: Mapping[str, Any], identify: Mapping[str, Any],
+             counters: Mapping[str, int], memberships: Mapping[str, bool]) -> bool:  # fmt: skip
+    """A checked `when` on one profile's values: computed traits by key (missing: None), identify traits (nested),
+    counter values by counter_key (missing: 0), memberships of audiences evaluated before (missing: False)."""
+
+    def holds(node: Mapping[str, Any]) -> bool:
+        if "all" in node:
+            return all(holds(part) for part in node["all"])
+        if "any" in node:
+            return any(holds(part) for part in node["any"])
+        if "not" in node:
+            return not holds(node["not"])
+        kind = _leaf_kind(node)
+        if kind == "audience":
+            return bool(memberships.get(node["audience"], False))
+        if kind == "event":
+            ((op, expected),) = node.get("count", AT_LEAST_ONCE).items()
+            return compare(op, counters.get(counter_key(node), 0), expected)
+        name = node["trait"]
+        actual = read_path(identify, name[len(IDENTIFY):]) if name.startswith(IDENTIFY) else traits.get(name)
+        op, expected = next((k, v) for k, v in node.items() if k != "trait")
+        return compare(op, actual, expected)
+
+    return holds(condition)
+
+
+def _leaves(condition: Any, where: str = "when") -> Iterator[tuple[str, Any]]:
+    """Every leaf of a condition with its path, in the order written; ConfigError where all/any/not are misused."""
+    if not isinstance(condition, Mapping) or not condition:
+        raise ConfigError(f"{where}: a condition is a non-empty object, not {condition!r}")
+    if "all" in condition or "any" in condition:
+        combinator = "all" if "all" in condition else "any"
+        parts = condition[combinator]
+        if len(condition) != 1 or not isinstance(parts, list) or not parts:
+            raise ConfigError(f"{where}: {combinator} takes a non-empty list of conditions and nothing beside it")
+        for index, part in enumerate(parts):
+            yield from _leaves(part, f"{where}.{combinator}[{index}]")
+    elif "not" in condition:
+        if len(condition) != 1:
+            raise ConfigError(f"{where}: not takes one condition and nothing beside it")
+        yield from _leaves(condition["not"], f"{where}.not")
+    else:
+        yield where, condition
+
+
+def _leaf_kind(leaf: Mapping[str, Any]) -> str | None:
+    return next((kind for kind in ("trait", "event", "audience") if kind in leaf), None)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+__all__ = ["AudienceDefinition", "Catalog", "build_catalog", "counter_definition", "counter_key", "evaluate",
+           "parse_audience", "requirements"]  # fmt: skip

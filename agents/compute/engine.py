@@ -1,0 +1,335 @@
+"""The compute engine: computed traits and audience memberships per profile, kept right across merges and time.
+
+One partition's records (the stage keeps them in RocksDB with a changelog, like identity's):
+
+    profile     "p|<id>"            -> trait states, current values, identify traits, memberships, seq, expiry
+    forwarded   "f|<id>"            -> {"to": survivor}: the profile was merged; what arrives for it goes on
+    seen        "s|<messageId>"     -> an event already counted here (resolved events are at-least-once)
+    folded      "k|<survivor>|<id>" -> the merged profile's state was folded in (merge-log entries repeat too)
+    due         "x|<15-digit ms>|<id>" -> when the profile's oldest window bucket leaves its window
+    member      "a|<audience>|<id>" -> the profile is in the audience (the member list, paged)
+    size        "n|<audience>"      -> {"n": members in this partition}
+    backfills   "b|"                -> generations seen, state ids counted live, backfill runs under way
+
+Trait states are kept under state ids (agents/compute/generations.py): a new definition version starts afresh
+and is *pending* while its backfill reads the history (its values are kept but not emitted, and audiences that
+read it keep their membership) until the backfill settles every profile of the partition.
+
+Inputs: resolved events (key: profile id), merge-log entries (key: survivor) and the stage's own commands
+(key: the profile they are for). A `merged` entry reaches the survivor's partition; it asks the merged
+profile's partition to hand its state over (`fold_out`), which forwards the state (`fold_in`) and from then on
+forwards anything that arrives for the merged profile, so state ends where the survivor lives whatever order
+things arrive in. Values are re-computed only for traits whose state changed (an event, a fold) or whose
+window slid (the due index); audiences are re-evaluated then, in dependency order, and every change leaves with
+the profile's next sequence number.
+
+Pure: no I/O; `now` is given. topology/compute_stage.py runs it on Kafka.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agents.compute import traits as trait_state
+from agents.compute.catalog import evaluate
+from agents.compute.generations import Live
+
+Record = dict[str, Any]
+Command = dict[str, Any]
+NO_VALUE = {"count": 0, "sum": 0, "unique_list": [], "unique_count": 0}  # what a trait is before any event
+
+
+class State(Protocol):
+    def get(self, key: str) -> Record | None: ...
+
+    def put(self, key: str, value: Record) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+@dataclass
+class Changes:
+    """What one step sends: commands to other partitions, profile changes and membership changes."""
+
+    commands: list[tuple[str, Command]] = field(default_factory=list)
+    traits: list[Record] = field(default_factory=list)
+    memberships: list[Record] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Cause:
+    """Why a profile is re-evaluated, as the changes carry it."""
+
+    reason: str
+    timestamp: int
+    message_id: str | None = None
+
+
+def due_key(at: int, profile_id: str) -> str:
+    return f"x|{at:015d}|{profile_id}"
+
+
+def member_key(audience: str, profile_id: str) -> str:
+    return f"a|{audience}|{profile_id}"
+
+
+def pending(state: State) -> frozenset[str]:
+    """State ids whose backfill is still reading history in this partition."""
+    backfills = state.get("b|")
+    if not backfills:
+        return frozenset()
+    return frozenset(sid for run in backfills["runs"] if run["phase"] == "events" for sid in run["sids"])
+
+
+class ComputeEngine:
+    """Applies inputs to one partition's state; `live` is read at each call, so definitions change live."""
+
+    def __init__(self, live: Callable[[], Live]) -> None:
+        self._live = live
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+
+    def event(self, profile_id: str, event: Mapping[str, Any], state: State, out: Changes, now: int, offset: int = -1) -> bool:
+        """A resolved event (at `offset` of its partition); False for one counted before (same messageId). The
+        offset of the copy that counted is kept: a backfill re-reading the partition counts that copy only."""
+        seen = f"s|{event['message_id']}"
+        if state.get(seen) is not None:
+            return False
+        state.put(seen, {"at": now, "o": offset})
+        self._event_at(profile_id, event, state, out, now)
+        return True
+
+    def merge(self, entry: Mapping[str, Any], out: Changes) -> None:
+        """A merge-log entry at the survivor's partition: ask the merged profile's partition for its state."""
+        if entry["kind"] != "merged" or not entry.get("merged_profile_id"):
+            return
+        merged, survivor = entry["merged_profile_id"], entry["survivor_profile_id"]
+        out.commands.append((merged, {"kind": "fold_out", "profile": merged, "into": survivor, "at": entry["timestamp"]}))
+
+    def command(self, command: Command, state: State, out: Changes, now: int) -> None:
+        kind = command["kind"]
+        if kind == "event":
+            self._event_at(command["profile"], command["event"], state, out, now)
+        elif kind == "backfill_event":
+            self.backfill_event(command["profile"], command["event"], command["sids"], state, out, now)
+        elif kind == "fold_out":
+            self._fold_out(command, state, out)
+        elif kind == "fold_in":
+            self._fold_in(command, state, out, now)
+        else:
+            raise ValueError(f"unknown compute command {kind!r}")
+
+    def expire(self, profile_id: str, at: int, state: State, out: Changes, now: int) -> None:
+        """The due index says a window of this profile slid at `at`: re-compute its windowed traits."""
+        state.delete(due_key(at, profile_id))
+        record = state.get(f"p|{profile_id}")
+        if record is None or record.get("x") != at:
+            return  # folded away or re-indexed meanwhile
+        live = self._live()
+        windowed = [live.by_sid[sid][0] for sid in record["t"] if sid in live.by_sid and live.by_sid[sid][1].window_ms is not None]
+        self._settle(profile_id, record, windowed, state, out, now, Cause("window expired", at), always=False)
+
+    def backfill_event(self, profile_id: str, event: Mapping[str, Any], sids: Collection[str], state: State, out: Changes, now: int) -> None:
+        """A past event counted for the state ids a backfill computes, and for nothing else (the rest counted it)."""
+        forward = state.get(f"f|{profile_id}")
+        if forward is not None:
+            out.commands.append((forward["to"], {"kind": "backfill_event", "profile": forward["to"], "event": dict(event), "sids": list(sids)}))
+            return
+        self._event_at(profile_id, event, state, out, now, only=frozenset(sids))
+
+    def settle(self, profile_id: str, state: State, out: Changes, now: int, cause: Cause) -> None:
+        """Re-compute every trait and audience of a profile (a backfill is done: its values may be emitted)."""
+        record = state.get(f"p|{profile_id}")
+        if record is not None:
+            self._settle(profile_id, record, list(self._live().catalog.all_traits), state, out, now, cause)
+
+    # -- steps -------------------------------------------------------------------------------------------------
+
+    def _event_at(self, profile_id: str, event: Mapping[str, Any], state: State, out: Changes, now: int,
+                  *, only: frozenset[str] | None = None) -> None:  # fmt: skip
+        forward = state.get(f"f|{profile_id}")
+        if forward is not None:
+            out.commands.append((forward["to"], {"kind": "event", "profile": forward["to"], "event": dict(event)}))
+            return
+        record = state.get(f"p|{profile_id}") or _new_record()
+        at = min(int(event["timestamp"]), now)  # a client clock ahead of ours counts now, not in a future bucket
+        counted = {**event, "timestamp": at} if at != event["timestamp"] else event
+        live, touched = self._live(), []
+        for key, definition in live.catalog.all_traits.items():
+            sid = live.sids[key]
+            if only is not None and sid not in only:
+                continue
+            before = record["t"].get(sid)
+            after = trait_state.observe(definition, before, counted)
+            if after is not before:
+                record["t"][sid] = after
+                touched.append(key)
+        cause = Cause(f"event {trait_state.event_name(event) or event['type']}", int(event["timestamp"]), event["message_id"])
+        if event["type"] == "identify" and only is None:  # a group call's traits are the account's, not the person's
+            self._identify(profile_id, record, event, out, cause)
+        self._settle(profile_id, record, touched, state, out, now, cause)
+
+    def _identify(self, profile_id: str, record: Record, event: Mapping[str, Any], out: Changes, cause: Cause) -> None:
+        """Identify traits: the latest call's value per trait wins (by timestamp, then messageId)."""
+        stamp = [int(event["timestamp"]), event["message_id"]]
+        for name, value in (event.get("traits") or {}).items():
+            held = record["i"].get(name)
+            if held is not None and held[:2] >= stamp:
+                continue
+            record["i"][name] = [*stamp, value]
+            if held is None or held[2] != value:
+                old = None if held is None else held[2]
+                out.traits.append(_change(profile_id, name, "identify", old, value, record, cause))
+
+    def _fold_out(self, command: Command, state: State, out: Changes) -> None:
+        merged, survivor = command["profile"], command["into"]
+        if state.get(f"f|{merged}") is not None:
+            return  # handed over before (a repeated merge-log entry)
+        record = state.get(f"p|{merged}")
+        state.put(f"f|{merged}", {"to": survivor})
+        if record is not None:
+            cause = Cause(f"merged into {survivor}", int(command["at"]))
+            for audience in sorted(record["m"]):
+                self._leave(merged, audience, record, state, out, cause)
+            if record.get("x") is not None:
+                state.delete(due_key(record["x"], merged))
+            state.delete(f"p|{merged}")
+        out.commands.append((survivor, {"kind": "fold_in", "profile": survivor, "from": merged, "record": record, "at": command["at"]}))
+
+    def _fold_in(self, command: Command, state: State, out: Changes, now: int) -> None:
+        survivor, merged = command["profile"], command["from"]
+        forward = state.get(f"f|{survivor}")
+        if forward is not None:  # the survivor was merged on meanwhile: its own survivor takes it
+            out.commands.append((forward["to"], {**command, "profile": forward["to"]}))
+            return
+        folded = f"k|{survivor}|{merged}"
+        if state.get(folded) is not None:
+            return
+        state.put(folded, {})
+        other = command.get("record")
+        if other is None:
+            return
+        record = state.get(f"p|{survivor}") or _new_record()
+        live, touched = self._live(), []
+        for sid, part in other["t"].items():
+            if sid in live.by_sid:
+                key, definition = live.by_sid[sid]
+                record["t"][sid] = trait_state.fold(definition, record["t"].get(sid), part)
+                touched.append(key)
+        cause = Cause(f"merge of {merged}", int(command["at"]))
+        for name, held in other["i"].items():
+            mine = record["i"].get(name)
+            if mine is None or held[:2] > mine[:2]:
+                record["i"][name] = held
+                if mine is None or mine[2] != held[2]:
+                    out.traits.append(_change(survivor, name, "identify", None if mine is None else mine[2], held[2], record, cause))
+        self._settle(survivor, record, touched, state, out, now, cause)
+
+    def _settle(
+        self, profile_id: str, record: Record, touched: Iterable[str], state: State, out: Changes, now: int, cause: Cause,
+        *, always: bool = True,
+    ) -> None:
+        """Re-compute the touched traits, emit what changed, re-evaluate audiences (after an event or a fold
+        always: identify traits and new audiences count too), re-index, store."""
+        live = self._live()
+        waiting = pending(state)
+        for sid in [sid for sid in record["t"] if sid not in live.by_sid]:  # an old version's state: gone
+            del record["t"][sid]
+        changed = False
+        for key in touched:
+            definition, sid = live.catalog.all_traits[key], live.sids[key]
+            if sid in record["t"]:
+                record["t"][sid] = trait_state.expire(definition, record["t"][sid], now)
+                if record["t"][sid] is None:
+                    del record["t"][sid]
+            if sid in waiting:
+                continue  # its backfill is still reading history: the value is not complete yet
+            new = trait_state.value(definition, record["t"].get(sid), now)
+            old = record["v"].get(key, NO_VALUE.get(definition.kind))
+            if new == old:
+                continue
+            changed = True
+            if new == NO_VALUE.get(definition.kind):
+                record["v"].pop(key, None)
+            else:
+                record["v"][key] = new
+            if key in live.catalog.traits:
+                out.traits.append(_change(profile_id, key, "computed", _shown(old), _shown(new), record, cause))
+        for key in [key for key in record["v"] if key not in live.catalog.all_traits]:
+            del record["v"][key]
+        if changed or always:
+            self._evaluate(profile_id, record, live, waiting, state, out, cause)
+        self._index_due(profile_id, record, live, state)
+        state.put(f"p|{profile_id}", record)
+
+    def _evaluate(self, profile_id: str, record: Record, live: Live, waiting: frozenset[str], state: State, out: Changes,
+                  cause: Cause) -> None:  # fmt: skip
+        identify = {name: held[2] for name, held in record["i"].items()}
+        values = {key: record["v"].get(key, NO_VALUE.get(d.kind)) for key, d in live.catalog.all_traits.items()}
+        members: dict[str, bool] = {}
+        for key, audience in live.catalog.audiences.items():
+            if live.audience_sids[key] & waiting:  # reads a trait still being backfilled: keep what it was
+                members[key] = key in record["m"]
+                continue
+            members[key] = evaluate(audience.when, traits=values, identify=identify, counters=values, memberships=members)
+            if members[key] and key not in record["m"]:
+                self._enter(profile_id, key, record, state, out, cause)
+            elif not members[key] and key in record["m"]:
+                self._leave(profile_id, key, record, state, out, cause)
+        for key in [key for key in record["m"] if key not in live.catalog.audiences]:  # a deleted audience: forget it
+            self._leave(profile_id, key, record, state, None, cause)
+
+    def _enter(self, profile_id: str, audience: str, record: Record, state: State, out: Changes, cause: Cause) -> None:
+        record["m"][audience] = True
+        state.put(member_key(audience, profile_id), {})
+        size = state.get(f"n|{audience}") or {"n": 0}
+        state.put(f"n|{audience}", {"n": size["n"] + 1})
+        out.memberships.append(_membership(profile_id, audience, "entered", record, cause))
+
+    def _leave(self, profile_id: str, audience: str, record: Record, state: State, out: Changes | None, cause: Cause) -> None:
+        del record["m"][audience]
+        state.delete(member_key(audience, profile_id))
+        size = state.get(f"n|{audience}") or {"n": 1}
+        state.put(f"n|{audience}", {"n": max(size["n"] - 1, 0)})
+        if out is not None:
+            out.memberships.append(_membership(profile_id, audience, "exited", record, cause))
+
+    def _index_due(self, profile_id: str, record: Record, live: Live, state: State) -> None:
+        due = None
+        for sid, part in record["t"].items():
+            definition = live.by_sid[sid][1]
+            if definition.window_ms is None or not part or not part.get("b"):
+                continue
+            size = trait_state.bucket_ms(definition.window_ms)
+            leaves = (min(int(index) for index in part["b"]) + math.ceil(definition.window_ms / size)) * size
+            due = leaves if due is None else min(due, leaves)
+        if due != record.get("x"):
+            if record.get("x") is not None:
+                state.delete(due_key(record["x"], profile_id))
+            if due is not None:
+                state.put(due_key(due, profile_id), {})
+            record["x"] = due
+
+
+def _new_record() -> Record:
+    return {"t": {}, "v": {}, "i": {}, "m": {}, "seq": 0, "x": None}
+
+
+def _shown(value: Any) -> Any:
+    """What a change says: an empty trait (count 0, no list) is 'no value', as before the first event."""
+    return None if value in (0, [], None) and not isinstance(value, bool) else value
+
+
+def _change(profile_id: str, trait: str, origin: str, old: Any, new: Any, record: Record, cause: Cause) -> Record:
+    record["seq"] += 1
+    return {"profile_id": profile_id, "trait": trait, "origin": origin, "old_value": old, "new_value": new,
+            "timestamp": cause.timestamp, "message_id": cause.message_id, "seq": record["seq"]}  # fmt: skip
+
+
+def _membership(profile_id: str, audience: str, transition: str, record: Record, cause: Cause) -> Record:
+    record["seq"] += 1
+    return {"profile_id": profile_id, "audience": audience, "transition": transition, "timestamp": cause.timestamp,
+            "seq": record["seq"], "reason": cause.reason, "message_id": cause.message_id}  # fmt: skip

@@ -1,0 +1,307 @@
+"""The compute stage: the engine (agents/compute/engine.py) on a PartitionedStage, with a clock for sliding windows.
+
+One agent reads cdp.events.resolved, cdp.identity.merges (both keyed by profile id) and cdp.compute.commands
+with the same partition count, so everything about a profile meets at one partition and its store (changelog
+cdp.compute.state). Trait and membership changes are written *inside* the batch's changelog transaction:
+read_committed consumers (sync, tests) see each change exactly once, with the profile's sequence number.
+Commands to other partitions (merged state handed over, forwarded events) leave through the outbox.
+
+`tick` runs on a timer: each owned partition re-evaluates the profiles whose oldest window bucket has left its
+window (the engine's due index), so a member leaves an audience on the clock, without any new event.
+
+Backfill: when a partition first meets a definition version (a generation, agents/compute/generations.py) it
+records a run: the state ids to compute and `until`, the partition's live position in cdp.events.resolved then.
+Live processing counts every later event for them; a background task per partition re-reads the partition from
+its start up to `until` in chunks, each applied like a batch (under the partition's lock, in one transaction
+with its progress), counting for the new state ids only the copy of each messageId that live processing counted
+(its offset is kept with the messageId), so nothing is counted twice or missed, and a crash resumes from the
+last chunk. Then it settles every profile of the partition: values and memberships are emitted once complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import TopicPartition
+
+from agents.compute.engine import Cause, Changes, ComputeEngine
+from agents.compute.generations import Live
+from agents.errors import InvalidMessage, UndecodableError
+from topology.codecs import AvroCodec
+from topology.partition_reader import catch_up_consumer, read_range
+from topology.partitioned_stage import BATCH, Output, PartitionedStage, StageIO, command_records
+from topology.producer import AsyncProducer, Record
+from topology.state_store import StateStore, Transaction
+
+log = logging.getLogger(__name__)
+TICK_S = 5.0  # how often windows are checked: exits happen within TICK_S + one bucket (window / 60) of due
+DUE_PER_TICK = 5_000  # profiles re-evaluated per partition per tick (the rest wait for the next one)
+BACKFILL_CHUNK = 2_000  # past events per backfill transaction
+SETTLE_CHUNK = 500  # profiles settled per transaction once a backfill has read its history
+
+
+@dataclass(frozen=True)
+class ComputeTopics:
+    resolved: str
+    merges: str
+    commands: str
+    state: str
+    changes: str
+    membership: str
+    dead_letter: str
+
+
+@dataclass(frozen=True)
+class ComputeCodecs:
+    resolved: AvroCodec
+    merges: AvroCodec
+    command: AvroCodec
+    state: AvroCodec
+    changes: AvroCodec
+    membership: AvroCodec
+    dead_letter: AvroCodec
+
+
+@dataclass
+class ComputeCounters:
+    """What the stage did since start; served on /metrics."""
+
+    events: int = 0
+    duplicates: int = 0
+    merges: int = 0
+    commands: int = 0
+    trait_changes: int = 0
+    membership_changes: int = 0
+    expired: int = 0
+    backfill_read: int = 0
+    backfill_counted: int = 0
+    dead_lettered: int = 0
+    caught_up: int = 0
+
+
+class ComputeStage(PartitionedStage):
+    def __init__(
+        self,
+        *,
+        topics: ComputeTopics,
+        codecs: ComputeCodecs,
+        live: Callable[[], Live],
+        live_ready: Callable[[], bool] = lambda: True,
+        partitions: int,
+        store_dir: Path,
+        bootstrap: str,
+        producer: Callable[[], AsyncProducer],
+        clock: Callable[[], float] = time.time,
+        batch_size: int = 2_000,
+        batch_within: float = 0.02,
+    ) -> None:
+        io = StageIO(
+            name="compute", inputs={topics.resolved: "resolved", topics.merges: "merges", topics.commands: "commands"},
+            state_topic=topics.state, state_codec=codecs.state, dead_letter_topic=topics.dead_letter,
+            dead_letter_codec=codecs.dead_letter,
+        )  # fmt: skip
+        super().__init__(io=io, partitions=partitions, store_dir=store_dir, bootstrap=bootstrap, producer=producer,
+                         batch_size=batch_size, batch_within=batch_within)  # fmt: skip
+        self.live, self.live_ready = live, live_ready
+        self._snapshot = live()  # the definitions of the batch being applied (see prepare)
+        self.topics, self.codecs, self.engine, self.clock = topics, codecs, ComputeEngine(lambda: self._snapshot), clock
+        self._counters = ComputeCounters()
+        self._backfills: dict[int, asyncio.Task[None]] = {}
+
+    @property
+    def counters(self) -> ComputeCounters:
+        self._counters.dead_lettered, self._counters.caught_up = self.dead_lettered, self.caught_up
+        return self._counters
+
+    def now(self) -> int:
+        return int(self.clock() * 1000)
+
+    def apply(self, mark: str, message: Any, tx: Transaction, out: Output) -> None:
+        if message.value is None:
+            raise UndecodableError("empty record (no value)")
+        changes, now = Changes(), self.now()
+        if mark == "resolved":
+            resolved = self.codecs.resolved.decode(message.value)
+            self._counters.events += 1
+            try:
+                counted = self.engine.event(resolved["profile_id"], resolved["event"], tx, changes, now, message.offset)  # type: ignore[arg-type]
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise InvalidMessage(f"the compute stage can't take this event: {exc!r}") from exc
+            self._counters.duplicates += not counted
+        elif mark == "merges":
+            self._counters.merges += 1
+            self.engine.merge(self.codecs.merges.decode(message.value), changes)
+        else:
+            body = self.codecs.command.decode(message.value)["body"]
+            for command in body["commands"] if body.get("kind") == BATCH else [body]:
+                self._counters.commands += 1
+                self.engine.command(command, tx, changes, now)  # a bug in our own commands stalls the partition
+        self._emit(changes, out)
+
+    def _emit(self, changes: Changes, out: Output) -> None:
+        out.outbox.extend([key, command] for key, command in changes.commands)
+        for change in changes.traits:
+            out.atomic.append(Record(self.topics.changes, change["profile_id"].encode(), self.codecs.changes.encode(change)))
+        for change in changes.memberships:
+            out.atomic.append(Record(self.topics.membership, change["profile_id"].encode(), self.codecs.membership.encode(change)))
+        self._counters.trait_changes += len(changes.traits)
+        self._counters.membership_changes += len(changes.memberships)
+
+    def outbox_records(self, items: Sequence[Any]) -> list[Record]:
+        return command_records([(key, command) for key, command in items], self.topics.commands, self.codecs.command, self.partitions)
+
+    async def run(self, stream: Any) -> None:
+        """Not before the definitions feed has read the whole topic: a definition missing for a moment would look
+        new when it comes back, and be backfilled over events already counted for it."""
+        while not self.live_ready():
+            await asyncio.sleep(0.1)
+        await super().run(stream)
+
+    async def tick(self) -> None:
+        """Re-evaluate every owned partition's profiles whose window slid; never raises (a timer must not die)."""
+        if not self.live_ready():
+            return
+        for partition in sorted(self.owned()):
+            try:
+                await self.run_in(partition, self._expire_due)
+            except Exception:
+                log.exception("compute: partition %d: the window clock failed; trying again next tick", partition)
+
+    def _expire_due(self, tx: Transaction, out: Output) -> None:
+        now, changes, done = self.now(), Changes(), 0
+        for key in tx.store.keys("x|"):
+            _, at, profile_id = key.split("|", 2)
+            if int(at) > now or done >= DUE_PER_TICK:
+                break
+            self.engine.expire(profile_id, int(at), tx, changes, now)
+            done += 1
+        self._counters.expired += done
+        self._emit(changes, out)
+
+    # -- backfill ----------------------------------------------------------------------------------------------
+
+    def prepare(self, partition: int, tx: Transaction) -> None:
+        """Fix the definitions for this batch, and start a backfill run for each generation the partition has not
+        met (see the module's docstring). One snapshot per batch: a definition arriving mid-batch would otherwise
+        count some of the batch's events live *and* again in its backfill (they are below its `until`)."""
+        live = self._snapshot = self.live()
+        record = tx.get("b|") or {"gens": [], "sids": [], "runs": []}
+        new = [gen for gen in live.generations if gen not in record["gens"]]
+        if not new:
+            return
+        known = set(live.sids.values())
+        record["sids"] = [sid for sid in record["sids"] if sid in known]  # a dropped definition is new if it returns
+        until = (tx.get("w|resolved") or {"next": 0})["next"]
+        for gen in new:
+            sids = [sid for sid in live.generations[gen] if sid not in record["sids"]]
+            record["sids"].extend(sids)
+            record["gens"].append(gen)
+            record["runs"].append({"gen": gen, "sids": sids, "until": until, "next": None, "phase": "events" if sids and until else "settle",
+                                   "after": "", "read": 0, "counted": 0, "settled": 0, "started": self.now()})  # fmt: skip
+        record["gens"] = [gen for gen in record["gens"] if gen in live.generations]
+        tx.put("b|", record)
+        self._start_backfill(partition)
+
+    def on_ready(self, partition: int, store: StateStore) -> None:
+        if (store.get("b|") or {}).get("runs"):
+            self._start_backfill(partition)
+
+    def _start_backfill(self, partition: int) -> None:
+        task = self._backfills.get(partition)
+        if task is None or task.done():
+            self._backfills[partition] = asyncio.ensure_future(self._backfill(partition))
+
+    def backfills(self, partition: int) -> list[dict[str, Any]] | None:
+        """The runs under way in a partition this worker has ready; None when it has not."""
+        store = self.readable_store(partition)
+        return None if store is None else list((store.get("b|") or {}).get("runs", []))
+
+    async def _backfill(self, partition: int) -> None:
+        """Work through the partition's runs, one chunk per transaction, until none is left or the partition goes."""
+        await asyncio.sleep(0)  # let the transaction that recorded the run commit first
+        consumer = None
+        try:
+            while self.owns(partition):
+                store = self.readable_store(partition)
+                runs = None if store is None else (store.get("b|") or {}).get("runs")
+                if store is None:
+                    await asyncio.sleep(0.5)
+                    continue
+                if not runs:
+                    return
+                run = runs[0]
+                try:
+                    if run["phase"] == "events":
+                        consumer = consumer or catch_up_consumer(self.bootstrap, f"{self.topics.resolved}.backfill")
+                        await self._backfill_events(partition, run, consumer)
+                    else:
+                        await self.run_in(partition, lambda tx, out, gen=run["gen"]: self._settle_chunk(tx, out, gen))
+                except Exception:  # a background task must not die quietly: log, wait, go on
+                    log.exception("compute: partition %d: backfill of %s failed; retrying", partition, run["gen"])
+                    await asyncio.sleep(2.0)
+        finally:
+            if consumer is not None:
+                consumer.close()
+
+    async def _backfill_events(self, partition: int, run: dict[str, Any], consumer: Any) -> None:
+        start = run["next"]
+        if start is None:
+            low, _ = await asyncio.to_thread(consumer.get_watermark_offsets, TopicPartition(self.topics.resolved, partition), 30)
+            start = low
+        messages, reached = await asyncio.to_thread(read_range, consumer, self.topics.resolved, partition, start, run["until"], BACKFILL_CHUNK)
+        records = [(m.offset(), m.value()) for m in messages]
+        await self.run_in(partition, lambda tx, out: self._backfill_chunk(tx, out, run["gen"], run["next"], records, reached))
+
+    def _backfill_chunk(self, tx: Transaction, out: Output, gen: str, expected_next: int | None,
+                        records: list[tuple[int, bytes]], reached: int) -> None:  # fmt: skip
+        record = tx.get("b|")
+        run = next((r for r in (record or {}).get("runs", []) if r["gen"] == gen), None)
+        if record is None or run is None or run["next"] != expected_next:
+            return  # done or moved on meanwhile (another owner): this chunk is stale
+        changes, now, counted = Changes(), self.now(), 0
+        for offset, value in records:
+            try:
+                resolved = self.codecs.resolved.decode(value)
+            except UndecodableError:
+                continue  # dead-lettered when it was read live
+            event = resolved["event"]
+            seen = tx.get(f"s|{event['message_id']}")  # type: ignore[index]
+            if seen is None or seen.get("o") != offset:
+                continue  # a repeated copy (live processing counted the first), or one live processing refused
+            self.engine.backfill_event(resolved["profile_id"], event, run["sids"], tx, changes, now)  # type: ignore[arg-type]
+            counted += 1
+        run["next"], run["read"], run["counted"] = reached, run["read"] + len(records), run["counted"] + counted
+        if reached >= run["until"]:
+            run["phase"] = "settle"
+        tx.put("b|", record)
+        self._counters.backfill_read += len(records)
+        self._counters.backfill_counted += counted
+        self._emit(changes, out)
+
+    def _settle_chunk(self, tx: Transaction, out: Output, gen: str) -> None:
+        record = tx.get("b|")
+        run = next((r for r in (record or {}).get("runs", []) if r["gen"] == gen), None)
+        if record is None or run is None or run["phase"] != "settle":
+            return
+        changes, now = Changes(), self.now()
+        keys = list(islice(tx.store.keys("p|", run["after"]), SETTLE_CHUNK))
+        for key in keys:
+            self.engine.settle(key[2:], tx, changes, now, Cause(f"definition {gen}", now))
+        run["settled"] += len(keys)
+        if len(keys) < SETTLE_CHUNK:
+            record["runs"] = [r for r in record["runs"] if r["gen"] != gen]
+            log.info("compute: backfill of %s done: %d past events read, %d counted, %d profiles settled",
+                     gen, run["read"], run["counted"], run["settled"])  # fmt: skip
+        else:
+            run["after"] = keys[-1][2:]
+        tx.put("b|", record)
+        self._emit(changes, out)
+
+

@@ -1,0 +1,159 @@
+"""Every worker's live view of the definitions: the config file's, overlaid by the compacted cdp.definitions topic.
+
+A definition POSTed to any worker is checked against the catalog it would join (a 400 names the problem), written
+to cdp.definitions with the next version of its `kind:key`, and every worker's feed — a plain consumer of the
+topic's single partition from its start, in a thread — picks it up within a poll: no restart. A record whose
+version is not above the one held is ignored, so a replayed or raced write can't move a definition back.
+The POST answers only once this worker's feed holds the new version (read-your-writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from agents.compute.catalog import Catalog, build_catalog
+from agents.compute.generations import Live
+from agents.errors import ConfigError, DeliveryFailed
+from topology.codecs import AvroCodec
+from topology.producer import AsyncProducer, Record
+
+log = logging.getLogger(__name__)
+KINDS = {"traits": "trait", "audiences": "audience", "destinations": "destination"}
+
+
+@dataclass(frozen=True)
+class Held:
+    """One definition as the feed holds it."""
+
+    kind: str
+    key: str
+    body: Mapping[str, Any]
+    version: int
+    updated_at: int | None  # None: from the config file
+
+
+class DefinitionsFeed:
+    def __init__(self, *, bootstrap: str, topic: str, codec: AvroCodec, traits: Sequence[Any], audiences: Sequence[Any],
+                 destinations: Sequence[Any] = ()) -> None:  # fmt: skip
+        self.bootstrap, self.topic, self.codec = bootstrap, topic, codec
+        self._held: dict[tuple[str, str], Held] = {}
+        for kind, items in (("trait", traits), ("audience", audiences), ("destination", destinations)):
+            for body in items:
+                key = body.get("name" if kind == "destination" else "key")
+                self._held[(kind, str(key))] = Held(kind, str(key), body, 0, None)
+        self.live: Live = self._build(self._held)
+        self._changed = threading.Condition()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.caught_up = threading.Event()
+
+    # -- reading -----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._follow, name="definitions-feed", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def held(self, kind: str) -> list[Held]:
+        return sorted((h for h in self._held.values() if h.kind == kind), key=lambda h: h.key)
+
+    def version(self, kind: str, key: str) -> int | None:
+        held = self._held.get((kind, key))
+        return None if held is None else held.version
+
+    def _follow(self) -> None:
+        """Read the topic from its start, for good; a broker outage only delays, it never stops the feed."""
+        while not self._stopping.is_set():
+            consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{self.topic}.feed",
+                                 "enable.auto.commit": False, "enable.partition.eof": True})  # fmt: skip
+            try:
+                consumer.assign([TopicPartition(self.topic, 0, 0)])
+                while not self._stopping.is_set():
+                    for message in consumer.consume(num_messages=500, timeout=0.2):
+                        error = message.error()
+                        if error is None:
+                            self._take(message.value())
+                        elif error.code() == KafkaError._PARTITION_EOF:
+                            self.caught_up.set()
+                        else:
+                            log.warning("definitions: reading %s: %s", self.topic, error)
+            except Exception:  # the thread must outlive any one consumer
+                log.exception("definitions: the feed failed; restarting it")
+                time.sleep(1.0)
+            finally:
+                consumer.close()
+
+    def _take(self, value: bytes | None) -> None:
+        if value is None:
+            return  # a Kafka tombstone after a deletion record: the deletion was taken already
+        try:
+            record = self.codec.decode(value)
+        except Exception as exc:
+            log.warning("definitions: a record of %s does not decode (%s); skipped", self.topic, exc)
+            return
+        ident = (record["kind"], record["key"])
+        if record["version"] <= (self.version(*ident) or 0) and ident in self._held:
+            return
+        held = dict(self._held)
+        if record["deleted"]:
+            held.pop(ident, None)
+        else:
+            held[ident] = Held(record["kind"], record["key"], record["body"], record["version"], record["updated_at"])
+        try:
+            live = self._build(held)
+        except ConfigError as exc:  # checked before it was written; a config file change can still clash with it
+            log.warning("definitions: %s %s v%d does not fit the others (%s); kept the previous ones",
+                        record["kind"], record["key"], record["version"], exc)  # fmt: skip
+            return
+        with self._changed:
+            self._held, self.live = held, live
+            self._changed.notify_all()
+
+    @staticmethod
+    def _build(held: Mapping[tuple[str, str], Held]) -> Live:
+        ordered = sorted(held.values(), key=lambda h: (h.updated_at or 0, h.key))
+        catalog = build_catalog([h.body for h in ordered if h.kind == "trait"], [h.body for h in ordered if h.kind == "audience"])
+        return Live.of(catalog, {ident: h.version for ident, h in held.items()})
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.live.catalog
+
+    # -- writing -----------------------------------------------------------------------------------------------
+
+    def check(self, kind: str, body: Any) -> str:
+        """The definition's key if it fits the current catalog; ConfigError naming the problem otherwise."""
+        if kind == "destination":
+            raise ConfigError("destinations are not built yet (the sync stage comes next)")
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"a {kind} definition is a JSON object, not {body!r}")
+        self.catalog.with_definition(kind, body)
+        return str(body["key"])
+
+    async def publish(self, kind: str, body: Mapping[str, Any], producer: AsyncProducer, timeout_s: float = 30.0) -> Held:
+        """Check, write with the next version, and wait until this worker's feed holds it."""
+        key = self.check(kind, body)
+        version = (self.version(kind, key) or 0) + 1
+        record = {"kind": kind, "key": key, "body": dict(body), "version": version,
+                  "updated_at": int(time.time() * 1000), "deleted": False}  # fmt: skip
+        await producer.write_all([Record(self.topic, f"{kind}:{key}".encode(), self.codec.encode(record), 0)])
+        if not await asyncio.to_thread(self._wait_for, kind, key, version, timeout_s):
+            raise DeliveryFailed(f"{kind} {key!r} v{version} was written but not read back within {timeout_s:.0f}s")
+        return self._held[(kind, key)]
+
+    def _wait_for(self, kind: str, key: str, version: int, timeout_s: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: (self.version(kind, key) or 0) >= version, timeout_s)
