@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from agents.errors import ConfigError
+from agents.errors import CdpError, ConfigError
 from topology.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -188,6 +188,20 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
+    from topology.backfill_command import backfill
+
+    print(backfill(settings, args.key, args.kind, args.url))
+    return 0
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from topology.replay import parse_time, replay
+
+    print(replay(settings, parse_time(args.from_time), parse_time(args.to_time) if args.to_time else None))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="cdp", description="A real-time customer data platform on Faust and Kafka.")
     sub = root.add_subparsers(dest="command", required=True)
@@ -208,6 +222,13 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=int, default=100)
     generate.add_argument("--concurrency", type=int, default=8)
     generate.add_argument("--rate", type=float, default=0, help="events/s to aim for (0: as fast as possible)")
+    backfill = sub.add_parser("backfill", help="compute a trait or audience again over the history in Kafka")
+    backfill.add_argument("key", help="the definition's key")
+    backfill.add_argument("--kind", choices=["trait", "audience"], help="needed only when a trait and an audience share the key")
+    backfill.add_argument("--url", help="a worker's web URL (default http://127.0.0.1:CDP_WEB_PORT)")
+    replay = sub.add_parser("replay", help="re-drive a time range of raw events through identity and compute (idempotent)")
+    replay.add_argument("--from", dest="from_time", required=True, help="2026-11-20T10:00:00Z, epoch ms, or a duration ago (2h)")
+    replay.add_argument("--to", dest="to_time", help="same forms; default: the end of the topic when the replay starts")
     bench = sub.add_parser("bench", help="benchmarks; figures as JSON")
     bench.add_argument("stage", choices=["ingest", "dedup", "identity"])
     bench.add_argument("--events", type=int, help="events per run (default 200000; identity 100000)")
@@ -218,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "dev": cmd_dev, "worker": cmd_worker, "ingest": cmd_ingest, "kafka": cmd_kafka, "topics": cmd_topics,
-    "topology": cmd_topology, "generate": cmd_generate, "bench": cmd_bench,
+    "topology": cmd_topology, "generate": cmd_generate, "bench": cmd_bench, "backfill": cmd_backfill, "replay": cmd_replay,
 }  # fmt: skip
 
 
@@ -229,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cdp {args.command}: {exc}", file=sys.stderr)
         return 2
+    except CdpError as exc:  # Kafka or a worker did not do what was asked: say so, no traceback
+        print(f"cdp {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

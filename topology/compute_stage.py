@@ -45,6 +45,7 @@ TICK_S = 5.0  # how often windows are checked: exits happen within TICK_S + one 
 DUE_PER_TICK = 5_000  # profiles re-evaluated per partition per tick (the rest wait for the next one)
 BACKFILL_CHUNK = 2_000  # past events per backfill transaction
 SETTLE_CHUNK = 500  # profiles settled per transaction once a backfill has read its history
+DONE_KEPT = 50  # finished runs kept per partition for GET /v1/backfills and `cdp backfill`
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class ComputeStage(PartitionedStage):
         self.topics, self.codecs, self.engine, self.clock = topics, codecs, ComputeEngine(lambda: self._snapshot), clock
         self._counters = ComputeCounters()
         self._backfills: dict[int, asyncio.Task[None]] = {}
+        self._woken: dict[int, bool] = {}
 
     @property
     def counters(self) -> ComputeCounters:
@@ -171,6 +173,9 @@ class ComputeStage(PartitionedStage):
         for partition in sorted(self.owned()):
             try:
                 await self.run_in(partition, self._expire_due)
+                store = self.readable_store(partition)
+                if store is not None and (store.get("b|") or {}).get("runs"):
+                    self._start_backfill(partition)  # a run recorded while the last task was finishing
             except Exception:
                 log.exception("compute: partition %d: the window clock failed; trying again next tick", partition)
 
@@ -214,6 +219,7 @@ class ComputeStage(PartitionedStage):
             self._start_backfill(partition)
 
     def _start_backfill(self, partition: int) -> None:
+        self._woken[partition] = True
         task = self._backfills.get(partition)
         if task is None or task.done():
             self._backfills[partition] = asyncio.ensure_future(self._backfill(partition))
@@ -235,6 +241,9 @@ class ComputeStage(PartitionedStage):
                     await asyncio.sleep(0.5)
                     continue
                 if not runs:
+                    if self._woken.pop(partition, False):  # a run may be in a transaction not committed yet
+                        await asyncio.sleep(0.2)
+                        continue
                     return
                 run = runs[0]
                 try:
@@ -257,14 +266,15 @@ class ComputeStage(PartitionedStage):
             start = low
         messages, reached = await asyncio.to_thread(read_range, consumer, self.topics.resolved, partition, start, run["until"], BACKFILL_CHUNK)
         records = [(m.offset(), m.value()) for m in messages]
-        await self.run_in(partition, lambda tx, out: self._backfill_chunk(tx, out, run["gen"], run["next"], records, reached))
+        await self.run_in(partition, lambda tx, out: self._backfill_chunk(tx, out, run["gen"], run["next"], start, records, reached))
 
-    def _backfill_chunk(self, tx: Transaction, out: Output, gen: str, expected_next: int | None,
+    def _backfill_chunk(self, tx: Transaction, out: Output, gen: str, expected_next: int | None, start: int,
                         records: list[tuple[int, bytes]], reached: int) -> None:  # fmt: skip
         record = tx.get("b|")
         run = next((r for r in (record or {}).get("runs", []) if r["gen"] == gen), None)
         if record is None or run is None or run["next"] != expected_next:
             return  # done or moved on meanwhile (another owner): this chunk is stale
+        run.setdefault("from", start)
         changes, now, counted = Changes(), self.now(), 0
         for offset, value in records:
             try:
@@ -297,6 +307,7 @@ class ComputeStage(PartitionedStage):
         run["settled"] += len(keys)
         if len(keys) < SETTLE_CHUNK:
             record["runs"] = [r for r in record["runs"] if r["gen"] != gen]
+            record["done"] = [*record.get("done", [])[-(DONE_KEPT - 1):], {**run, "finished": now}]
             log.info("compute: backfill of %s done: %d past events read, %d counted, %d profiles settled",
                      gen, run["read"], run["counted"], run["settled"])  # fmt: skip
         else:

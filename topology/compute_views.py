@@ -69,20 +69,22 @@ class ComputeViews:
         return 200, {"sizes": {key[2:]: store.get(key)["n"] for key in store.keys("n|")}}  # type: ignore[index]
 
     async def backfills(self, hops: int) -> Answer:
-        """Every backfill run under way, partition by partition, with its progress."""
-        runs = []
+        """Backfill runs under way and recently done, partition by partition, with their progress."""
+        runs, done = [], []
         for partition in range(self.router.partitions):
             status, body = await self.backfills_in(partition, hops)
             if status != 200:
                 return status, body
             runs.extend({"partition": partition, **run} for run in body["runs"])
-        return 200, {"runs": runs}
+            done.extend({"partition": partition, **run} for run in body["done"])
+        return 200, {"partitions": self.router.partitions, "runs": runs, "done": done}
 
     async def backfills_in(self, partition: int, hops: int) -> Answer:
         store, answer = await self.router.at_partition(partition, f"{INTERNAL}/backfills/{partition}", hops)
         if store is None:
             return answer
-        return 200, {"runs": (store.get("b|") or {}).get("runs", [])}
+        record = store.get("b|") or {}
+        return 200, {"runs": record.get("runs", []), "done": record.get("done", [])}
 
     async def members(self, audience: str, cursor: str | None, limit: int, hops: int) -> Answer:
         """One page of an audience's members and the cursor of the next (None after the last)."""

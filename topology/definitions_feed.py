@@ -54,6 +54,7 @@ class DefinitionsFeed:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.caught_up = threading.Event()
+        self._position = 0  # the next offset of the topic this feed will read
 
     # -- reading -----------------------------------------------------------------------------------------------
 
@@ -86,7 +87,9 @@ class DefinitionsFeed:
                         error = message.error()
                         if error is None:
                             self._take(message.value())
+                            self._reached(message.offset() + 1)
                         elif error.code() == KafkaError._PARTITION_EOF:
+                            self._reached(message.offset())
                             self.caught_up.set()
                         else:
                             log.warning("definitions: reading %s: %s", self.topic, error)
@@ -95,6 +98,23 @@ class DefinitionsFeed:
                 time.sleep(1.0)
             finally:
                 consumer.close()
+
+    def _reached(self, position: int) -> None:
+        with self._changed:
+            self._position = max(self._position, position)
+            self._changed.notify_all()
+
+    def _sync(self, timeout_s: float) -> None:
+        """Wait until this feed has read everything written to the topic so far: a POST on any worker then sees
+        every definition an earlier POST (on any worker) got a 201 for."""
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{self.topic}.feed"})
+        try:
+            _, end = consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=timeout_s)
+        finally:
+            consumer.close()
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._position >= end, timeout_s):
+                raise DeliveryFailed(f"this worker has not read {self.topic} up to offset {end} within {timeout_s:.0f}s")
 
     def _take(self, value: bytes | None) -> None:
         if value is None:
@@ -144,7 +164,8 @@ class DefinitionsFeed:
         return str(body["key"])
 
     async def publish(self, kind: str, body: Mapping[str, Any], producer: AsyncProducer, timeout_s: float = 30.0) -> Held:
-        """Check, write with the next version, and wait until this worker's feed holds it."""
+        """Check against everything written so far, write with the next version, wait until the feed holds it."""
+        await asyncio.to_thread(self._sync, timeout_s)
         key = self.check(kind, body)
         version = (self.version(kind, key) or 0) + 1
         record = {"kind": kind, "key": key, "body": dict(body), "version": version,

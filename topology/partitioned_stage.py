@@ -289,13 +289,19 @@ class PartitionedStage:
         """Changes (and atomic outputs) to Kafka in one transaction, then (committed) to the local store."""
         encode = self.io.state_codec.encode
         records = [(key.encode(), None if value is None else encode({"record": orjson.loads(value)})) for key, value in changes.items()]
-        writer = self._writers.get(partition)
-        if partition not in self._assigned:
-            raise DeliveryFailed(f"{self.io.state_topic}[{partition}] is no longer ours")
-        if writer is None or writer.broken:
-            writer = self._writers[partition] = await asyncio.to_thread(TransactionalWriter, self.bootstrap, self.io.state_topic, partition)
+        writer = await self._writer(partition)
         offsets = await asyncio.to_thread(writer.write, records, atomic)
         store.apply(changes, max(offsets) + 1 if offsets else store.changelog_next or 0)
+
+    async def _writer(self, partition: int) -> TransactionalWriter:
+        """The partition's transactional writer; creating one fences every earlier writer of the partition (its
+        open transaction is aborted or finished first), so a changelog read after this is final."""
+        if partition not in self._assigned:
+            raise DeliveryFailed(f"{self.io.state_topic}[{partition}] is no longer ours")
+        writer = self._writers.get(partition)
+        if writer is None or writer.broken:
+            writer = self._writers[partition] = await asyncio.to_thread(TransactionalWriter, self.bootstrap, self.io.state_topic, partition)
+        return writer
 
     async def _send_outbox(self, partition: int, store: StateStore, chunks: list[list[Any]], *, delete: bool) -> None:
         """Send a committed outbox. After a batch the records stay until the next batch's transaction replaces
@@ -322,6 +328,9 @@ class PartitionedStage:
     async def _ready_store(self, partition: int) -> StateStore:
         store = self._open_store(partition)
         if partition in self._stale:
+            # Fence the previous owner first: a transaction it still has open would otherwise sit beyond the
+            # read_committed end of the catch-up and commit after it, and those changes would never be read here.
+            await self._writer(partition)
             try:
                 self.caught_up += await asyncio.to_thread(self._catch_up, partition, store)
             except KafkaException as exc:

@@ -5,6 +5,7 @@ One partition's records (the stage keeps them in RocksDB with a changelog, like 
     profile     "p|<id>"            -> trait states, current values, identify traits, memberships, seq, expiry
     forwarded   "f|<id>"            -> {"to": survivor}: the profile was merged; what arrives for it goes on
     seen        "s|<messageId>"     -> an event already counted here (resolved events are at-least-once)
+                "sf|<id>|<messageId>", "sb|<id>|<state ids>|<messageId>" -> the same for forwarded events
     folded      "k|<survivor>|<id>" -> the merged profile's state was folded in (merge-log entries repeat too)
     due         "x|<15-digit ms>|<id>" -> when the profile's oldest window bucket leaves its window
     member      "a|<audience>|<id>" -> the profile is in the audience (the member list, paged)
@@ -112,15 +113,26 @@ class ComputeEngine:
     def command(self, command: Command, state: State, out: Changes, now: int) -> None:
         kind = command["kind"]
         if kind == "event":
-            self._event_at(command["profile"], command["event"], state, out, now)
+            if self._first_forward(f"sf|{command['profile']}|{command['event']['message_id']}", state):
+                self._event_at(command["profile"], command["event"], state, out, now)
         elif kind == "backfill_event":
-            self.backfill_event(command["profile"], command["event"], command["sids"], state, out, now)
+            seen = f"sb|{command['profile']}|{','.join(sorted(command['sids']))}|{command['event']['message_id']}"
+            if self._first_forward(seen, state):
+                self.backfill_event(command["profile"], command["event"], command["sids"], state, out, now)
         elif kind == "fold_out":
             self._fold_out(command, state, out)
         elif kind == "fold_in":
             self._fold_in(command, state, out, now)
         else:
             raise ValueError(f"unknown compute command {kind!r}")
+
+    @staticmethod
+    def _first_forward(seen: str, state: State) -> bool:
+        """A forwarded event is deduplicated where it arrives, per profile: a re-sent outbox repeats it."""
+        if state.get(seen) is not None:
+            return False
+        state.put(seen, {})
+        return True
 
     def expire(self, profile_id: str, at: int, state: State, out: Changes, now: int) -> None:
         """The due index says a window of this profile slid at `at`: re-compute its windowed traits."""
