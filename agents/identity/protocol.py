@@ -6,6 +6,7 @@ Every piece of identity state has exactly one owner partition and changes only t
     profile      "p|<id>"       -> identifiers, merges, pointer, lock, queue owner: partition of key "<id>"
     event saga   "e|<messageId>"-> the event's resolution under way          owner: partition of key "<messageId>"
     decision     "d|<request>"  -> how a join request was decided (memo)     owners: the survivor's and the younger's
+    resolution   "r|<messageId>"-> the profile the event was resolved to     owner: partition of key "<messageId>"
 
 Owners talk through commands on one internal topic, keyed by the owner's key (`Outputs.commands`). An event:
   1. claims each of its identifiers at the identifier's owner: a free one is taken for the event's own fresh
@@ -103,6 +104,10 @@ def saga_record(message_id: str) -> str:
     return f"e|{message_id}"
 
 
+def done_record(message_id: str) -> str:
+    return f"r|{message_id}"
+
+
 def event_command(event: RawEvent) -> Command:
     """The command an event from cdp.events.raw becomes (its owner is its messageId's partition)."""
     return {"kind": "event", "event": event}
@@ -127,6 +132,10 @@ class IdentityProtocol:
         message_id, at = event["message_id"], int(event["timestamp"])
         if state.get(saga_record(message_id)) is not None:
             return  # already under way (the same event re-read)
+        done = state.get(done_record(message_id))
+        if done is not None:  # resolved before (a replay): the same answer, so compute sees the same record again
+            out.resolved.append(Resolved(done["p"], done["ids"], event))
+            return
         extracted = [i for i in extract(event, self.rules) if not i.blocked]
         linkable, demoted = self._within_limits([(i.type, i.value) for i in extracted])
         saga: Record = {
@@ -227,6 +236,7 @@ class IdentityProtocol:
         event, profile_id = saga["event"], saga["current"]
         identifiers = [{"type": t, "value": v} for t, v in saga["all"]]
         out.resolved.append(Resolved(profile_id, identifiers, event))
+        state.put(done_record(event["message_id"]), {"p": profile_id, "ids": identifiers})
         for type_, value, rule in saga["demoted"]:
             out.log.append(_entry("demoted", profile_id, None, [[type_, value]], event["message_id"], saga["at"], rule))
         state.delete(saga_record(event["message_id"]))

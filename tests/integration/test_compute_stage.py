@@ -254,16 +254,43 @@ def test_sigkill_of_a_worker_loses_nothing_and_counts_nothing_twice(kafka_bootst
         send(pipeline, calls[450:])
         people = groups(calls)
 
+        mismatch: list[Any] = []
+
         def converged() -> bool:
             for identifiers, events in people:
-                body = profile(random.choice([pipeline.web_port, other]), sorted(v for t, v in identifiers if t == "anonymous_id")[0])
+                anonymous = sorted(v for t, v in identifiers if t == "anonymous_id")[0]
+                body = profile(random.choice([pipeline.web_port, other]), anonymous)
                 if body is None or body.get("computed_traits") != expected(events)[0]:
+                    mismatch[:] = [anonymous, expected(events)[0], body]
                     return False
             return True
 
-        wait_until(converged, timeout=240, what="every count to equal the oracle after the SIGKILL", interval=2)
+        try:
+            wait_until(converged, timeout=240, what="every count to equal the oracle after the SIGKILL", interval=2)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last mismatch: {mismatch}; {explain(pipeline, mismatch[0], calls)}") from None
+
+        # Replaying the whole range re-drives every raw event through identity and compute and changes nothing.
+        ports = [pipeline.web_port, other]
+        changes_before = len(pipeline.read("profile.changes", until=lambda rs: True, timeout=5))
+        memberships_before = len(pipeline.read("audience.membership", until=lambda rs: True, timeout=5))
+        duplicates_before = sum(compute_metric(port, "duplicates") for port in ports)
+        result = subprocess.run([sys.executable, "-m", "topology.cli", "replay", "--from", "1h"], env=pipeline.env(),
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert f"replayed {len(calls):,} records" in result.stdout, result.stdout
+        wait_until(lambda: sum(compute_metric(port, "duplicates") for port in ports) >= duplicates_before + len(calls), timeout=180,
+                   what=f"compute to see every replayed event again (duplicates before: {duplicates_before})")  # fmt: skip
+        assert converged()
+        assert len(pipeline.read("profile.changes", until=lambda rs: True, timeout=5)) == changes_before
+        assert len(pipeline.read("audience.membership", until=lambda rs: True, timeout=5)) == memberships_before
     finally:
         pipeline.stop_all()
+
+
+def compute_metric(port: int, what: str) -> int:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines() if line.startswith("cdp_compute_total") and f'what="{what}"' in line)
 
 
 ADMIN = "admin-secret"

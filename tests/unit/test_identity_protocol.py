@@ -302,3 +302,25 @@ def test_limits_with_a_period_count_only_identifiers_added_within_it() -> None:
     profile = cluster.holder("user_id", "u")
     assert {v for t, v, _ in cluster.profile(profile)["ids"] if t == "anonymous_id"} == {"a0", "a1", "a3"}
     assert [e["rule"] for e in cluster.log if e["kind"] == "refused"] == ["anonymous_id limit 2 per 7d"]
+
+
+def test_a_replayed_event_resolves_to_the_profile_it_resolved_to_first() -> None:
+    """`cdp replay` re-drives raw events: each gets the same resolved record again (same profile id, even when
+    that profile was merged since), so compute, which counts a messageId once per partition, counts it once."""
+    cluster = Cluster(UNLIMITED, partitions=4, seed=5)
+    rnd = random.Random(9)
+    sent = []
+    for _ in range(60):
+        identifiers: list[Ident] = [("anonymous_id", f"a{rnd.randrange(10)}")]
+        if rnd.random() < 0.4:
+            identifiers.append(("user_id", f"u{rnd.randrange(4)}"))
+        sent.append((cluster.send(identifiers), identifiers))
+    cluster.run()
+    first = {mid: profiles[0] for mid, profiles in cluster.resolved.items()}
+    entries = len(cluster.log)
+    for mid, identifiers in sent:
+        cluster.raw[partition_of(mid, 4)].append(event_command(make_event(mid, identifiers, 2_000)))
+    cluster.run()
+    cluster.assert_quiet()
+    assert {mid: profiles for mid, profiles in cluster.resolved.items()} == {mid: [p, p] for mid, p in first.items()}
+    assert len(cluster.log) == entries, "a replay logs no merge again"
