@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import orjson
 
-from agents.compute.definitions import OPERATORS, TraitDefinition, check_condition, parse_trait
+from agents.compute.definitions import OPERATORS, TraitDefinition, check_condition, leaves, parse_trait
 from agents.compute.traits import compare
 from agents.durations import parse_duration_ms
 from agents.errors import ConfigError
@@ -90,7 +90,7 @@ def parse_audience(raw: Any) -> AudienceDefinition:
         raise ConfigError(f"audience {key!r}: description must be a string, not {raw['description']!r}")
     if "when" not in raw:
         raise ConfigError(f"audience {key!r}: needs a when condition")
-    for where, leaf in _leaves(raw["when"], f"audience {key!r}: when"):
+    for where, leaf in leaves(raw["when"], f"audience {key!r}: when"):
         _check_leaf(leaf, where)
     return AudienceDefinition(key, raw["when"])
 
@@ -187,7 +187,7 @@ def build_catalog(traits: Sequence[Any], audiences: Sequence[Any]) -> Catalog:
     for audience in parsed_audiences.values():
         _check_references(audience, parsed_traits, parsed_audiences)
     ordered = _dependency_order(parsed_audiences)
-    event_leaves = [leaf for a in ordered.values() for _, leaf in _leaves(a.when) if _leaf_kind(leaf) == "event"]
+    event_leaves = [leaf for a in ordered.values() for _, leaf in leaves(a.when, "when") if _leaf_kind(leaf) == "event"]
     counters = {counter_key(leaf): counter_definition(leaf) for leaf in event_leaves}
     sources = {("trait", d.key): raw for d, raw in zip(parsed_traits.values(), traits)}
     sources.update({("audience", d.key): raw for d, raw in zip(parsed_audiences.values(), audiences)})
@@ -205,7 +205,7 @@ def _unique(kind: str, definitions: list[Any]) -> dict[str, Any]:
 
 
 def _check_references(audience: AudienceDefinition, traits: Mapping[str, Any], audiences: Mapping[str, Any]) -> None:
-    for where, leaf in _leaves(audience.when):
+    for where, leaf in leaves(audience.when, "when"):
         kind = _leaf_kind(leaf)
         if kind == "trait" and not leaf["trait"].startswith(IDENTIFY) and leaf["trait"] not in traits:
             raise ConfigError(f"audience {audience.key!r}: {where}: unknown trait {leaf['trait']!r}; computed traits: "
@@ -232,7 +232,7 @@ def _dependency_order(audiences: Mapping[str, AudienceDefinition]) -> dict[str, 
         if key in path:
             raise ConfigError(f"audiences form a cycle: {' -> '.join(path[path.index(key):] + [key])}")
         path.append(key)
-        for _, leaf in _leaves(audiences[key].when):
+        for _, leaf in leaves(audiences[key].when, "when"):
             if _leaf_kind(leaf) == "audience":
                 visit(leaf["audience"])
         path.pop()
@@ -249,7 +249,7 @@ def requirements(catalog: Catalog, audience_key: str) -> frozenset[str]:
     needed: set[str] = set()
     seen, pending = {audience_key}, [audience_key]
     while pending:
-        for _, leaf in _leaves(catalog.audiences[pending.pop()].when):
+        for _, leaf in leaves(catalog.audiences[pending.pop()].when, "when"):
             if _leaf_kind(leaf) == "trait" and not leaf["trait"].startswith(IDENTIFY):
                 needed.add(leaf["trait"])
             elif _leaf_kind(leaf) == "event":
@@ -284,25 +284,6 @@ def evaluate(condition: Mapping[str, Any], *, traits: Mapping[str, Any], identif
         return compare(op, actual, expected)
 
     return holds(condition)
-
-
-def _leaves(condition: Any, where: str = "when") -> Iterator[tuple[str, Any]]:
-    """Every leaf of a condition with its path, in the order written; ConfigError where all/any/not are misused."""
-    if not isinstance(condition, Mapping) or not condition:
-        raise ConfigError(f"{where}: a condition is a non-empty object, not {condition!r}")
-    if "all" in condition or "any" in condition:
-        combinator = "all" if "all" in condition else "any"
-        parts = condition[combinator]
-        if len(condition) != 1 or not isinstance(parts, list) or not parts:
-            raise ConfigError(f"{where}: {combinator} takes a non-empty list of conditions and nothing beside it")
-        for index, part in enumerate(parts):
-            yield from _leaves(part, f"{where}.{combinator}[{index}]")
-    elif "not" in condition:
-        if len(condition) != 1:
-            raise ConfigError(f"{where}: not takes one condition and nothing beside it")
-        yield from _leaves(condition["not"], f"{where}.not")
-    else:
-        yield where, condition
 
 
 def _leaf_kind(leaf: Mapping[str, Any]) -> str | None:

@@ -10,7 +10,7 @@ gt, gte, lt, lte, contains, exists, in, or `all` / `any` / `not` over conditions
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +70,9 @@ def parse_trait(raw: Any) -> TraitDefinition:
     return TraitDefinition(key, kind, event, prop if kind != "count" else None, window_ms, condition)
 
 
-def check_condition(condition: Any, where: str) -> None:
-    """A `where` condition is well formed, or ConfigError says what is wrong and where."""
+def leaves(condition: Any, where: str) -> Iterator[tuple[str, Any]]:
+    """Every leaf of an all/any/not condition with its path, in the order written; ConfigError where the
+    combinators are misused. Trait `where` conditions and audience `when` conditions share this shape."""
     if not isinstance(condition, Mapping) or not condition:
         raise ConfigError(f"{where}: a condition is a non-empty object, not {condition!r}")
     if "all" in condition or "any" in condition:
@@ -80,13 +81,22 @@ def check_condition(condition: Any, where: str) -> None:
         if len(condition) != 1 or not isinstance(parts, list) or not parts:
             raise ConfigError(f"{where}: {combinator} takes a non-empty list of conditions and nothing beside it")
         for index, part in enumerate(parts):
-            check_condition(part, f"{where}.{combinator}[{index}]")
-        return
-    if "not" in condition:
+            yield from leaves(part, f"{where}.{combinator}[{index}]")
+    elif "not" in condition:
         if len(condition) != 1:
             raise ConfigError(f"{where}: not takes one condition and nothing beside it")
-        check_condition(condition["not"], f"{where}.not")
-        return
+        yield from leaves(condition["not"], f"{where}.not")
+    else:
+        yield where, condition
+
+
+def check_condition(condition: Any, where: str) -> None:
+    """A `where` condition is well formed, or ConfigError says what is wrong and where."""
+    for path, leaf in leaves(condition, where):
+        _check_leaf(leaf, path)
+
+
+def _check_leaf(condition: Mapping[str, Any], where: str) -> None:
     prop = condition.get("property")
     operators = [op for op in condition if op != "property"]
     if not isinstance(prop, str) or not prop:
