@@ -171,7 +171,8 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    defaults = {"ingest": 200_000, "dedup": 200_000, "identity": 100_000}  # identity: 6 runs at ~1-2 k events/s (≈ 12 min)
+    defaults = {"ingest": 200_000, "dedup": 200_000, "identity": 100_000,  # identity: 6 runs at ~1-2 k events/s (≈ 12 min)
+                "compute": 40_000}  # per definition count (10, 50, 200), plus latency and backfill runs
     events = args.events if args.events is not None else defaults[args.stage]
     if args.stage == "ingest":
         from bench.ingest import run_ingest_bench
@@ -181,10 +182,14 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         from bench.dedup import run_dedup_bench
 
         print(run_dedup_bench(settings, events=events, out=args.out))
-    else:
+    elif args.stage == "identity":
         from bench.identity import run_identity_bench
 
         print(run_identity_bench(settings, events=events, out=args.out))
+    else:
+        from bench.compute import run_compute_bench
+
+        print(run_compute_bench(settings, events=events, out=args.out))
     return 0
 
 
@@ -230,8 +235,8 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument("--from", dest="from_time", required=True, help="2026-11-20T10:00:00Z, epoch ms, or a duration ago (2h)")
     replay.add_argument("--to", dest="to_time", help="same forms; default: the end of the topic when the replay starts")
     bench = sub.add_parser("bench", help="benchmarks; figures as JSON")
-    bench.add_argument("stage", choices=["ingest", "dedup", "identity"])
-    bench.add_argument("--events", type=int, help="events per run (default 200000; identity 100000)")
+    bench.add_argument("stage", choices=["ingest", "dedup", "identity", "compute"])
+    bench.add_argument("--events", type=int, help="events per run (default 200000; identity 100000; compute 40000)")
     bench.add_argument("--batch-size", type=int, default=100)
     bench.add_argument("--out", type=Path, help="write the JSON report here too")
     return root

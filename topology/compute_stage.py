@@ -31,9 +31,9 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
-from agents.compute.engine import Cause, Changes, ComputeEngine
+from agents.compute.engine import Cause, Changes, ComputeEngine, DefinitionsBehind
 from agents.compute.generations import Live
-from agents.errors import InvalidMessage, UndecodableError
+from agents.errors import DeliveryFailed, InvalidMessage, UndecodableError
 from topology.codecs import AvroCodec
 from topology.partition_reader import catch_up_consumer, read_range
 from topology.partitioned_stage import BATCH, Output, PartitionedStage, StageIO, command_records
@@ -132,10 +132,12 @@ class ComputeStage(PartitionedStage):
         if mark == "resolved":
             resolved = self.codecs.resolved.decode(message.value)
             self._counters.events += 1
+            attempt = Transaction(tx)  # type: ignore[arg-type]  # all or nothing: a refused event leaves no trace
             try:
-                counted = self.engine.event(resolved["profile_id"], resolved["event"], tx, changes, now, message.offset)  # type: ignore[arg-type]
+                counted = self.engine.event(resolved["profile_id"], resolved["event"], attempt, changes, now, message.offset)  # type: ignore[arg-type]
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise InvalidMessage(f"the compute stage can't take this event: {exc!r}") from exc
+            tx.changes.update(attempt.changes)
             self._counters.duplicates += not counted
         elif mark == "merges":
             self._counters.merges += 1
@@ -144,7 +146,10 @@ class ComputeStage(PartitionedStage):
             body = self.codecs.command.decode(message.value)["body"]
             for command in body["commands"] if body.get("kind") == BATCH else [body]:
                 self._counters.commands += 1
-                self.engine.command(command, tx, changes, now)  # a bug in our own commands stalls the partition
+                try:
+                    self.engine.command(command, tx, changes, now)  # a bug in our own commands stalls the partition
+                except DefinitionsBehind as exc:
+                    raise DeliveryFailed(f"waiting for the definitions feed: {exc}") from exc
         self._emit(changes, out)
 
     def _emit(self, changes: Changes, out: Output) -> None:
@@ -198,9 +203,17 @@ class ComputeStage(PartitionedStage):
         count some of the batch's events live *and* again in its backfill (they are below its `until`)."""
         live = self._snapshot = self.live()
         record = tx.get("b|") or {"gens": [], "sids": [], "runs": []}
+        if record.get("feed", 0) > live.position:  # handled with newer definitions before (this partition moved)
+            raise DeliveryFailed(f"partition {partition} was handled with definitions up to {record['feed']}; "
+                                 f"this worker's feed is at {live.position}")  # fmt: skip
         new = [gen for gen in live.generations if gen not in record["gens"]]
-        if not new:
+        superseded = [run for run in record["runs"] if run["gen"] not in live.generations]
+        if not new and not superseded:
+            if record.get("feed", 0) < live.position:
+                tx.put("b|", {**record, "feed": live.position})
             return
+        record["feed"] = live.position
+        record["runs"] = [run for run in record["runs"] if run["gen"] in live.generations]  # nothing left to count for
         known = set(live.sids.values())
         record["sids"] = [sid for sid in record["sids"] if sid in known]  # a dropped definition is new if it returns
         until = (tx.get("w|resolved") or {"next": 0})["next"]
@@ -232,6 +245,8 @@ class ComputeStage(PartitionedStage):
     async def _backfill(self, partition: int) -> None:
         """Work through the partition's runs, one chunk per transaction, until none is left or the partition goes."""
         await asyncio.sleep(0)  # let the transaction that recorded the run commit first
+        while not self.live_ready():  # the definitions must be complete before a run counts or settles anything
+            await asyncio.sleep(0.1)
         consumer = None
         try:
             while self.owns(partition):
@@ -277,6 +292,8 @@ class ComputeStage(PartitionedStage):
         run.setdefault("from", start)
         changes, now, counted = Changes(), self.now(), 0
         for offset, value in records:
+            if value is None:
+                continue
             try:
                 resolved = self.codecs.resolved.decode(value)
             except UndecodableError:
@@ -285,7 +302,14 @@ class ComputeStage(PartitionedStage):
             seen = tx.get(f"s|{event['message_id']}")  # type: ignore[index]
             if seen is None or seen.get("o") != offset:
                 continue  # a repeated copy (live processing counted the first), or one live processing refused
-            self.engine.backfill_event(resolved["profile_id"], event, run["sids"], tx, changes, now)  # type: ignore[arg-type]
+            attempt, attempt_changes = Transaction(tx), Changes()  # type: ignore[arg-type]
+            try:
+                self.engine.backfill_event(resolved["profile_id"], event, run["sids"], attempt, attempt_changes, now)  # type: ignore[arg-type]
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # refused live too: skip it here as well
+                log.warning("compute: backfill %s skips %s: %r", gen, event.get("message_id"), exc)  # type: ignore[union-attr]
+                continue
+            tx.changes.update(attempt.changes)
+            changes.commands.extend(attempt_changes.commands)
             counted += 1
         run["next"], run["read"], run["counted"] = reached, run["read"] + len(records), run["counted"] + counted
         if reached >= run["until"]:

@@ -14,19 +14,23 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from agents.compute.catalog import Catalog, build_catalog
 from agents.compute.generations import Live
-from agents.errors import ConfigError, DeliveryFailed
+from agents.errors import CdpError, ConfigError, DeliveryFailed
 from topology.codecs import AvroCodec
 from topology.producer import AsyncProducer, Record
 
 log = logging.getLogger(__name__)
 KINDS = {"traits": "trait", "audiences": "audience", "destinations": "destination"}
+
+
+class Conflict(CdpError):
+    """Two requests changed one definition at once; the other one won (HTTP 409)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class DefinitionsFeed:
         self._thread: threading.Thread | None = None
         self.caught_up = threading.Event()
         self._position = 0  # the next offset of the topic this feed will read
+        self._parked: dict[tuple[str, str], dict[str, Any]] = {}
+        self._publishing = asyncio.Lock()
 
     # -- reading -----------------------------------------------------------------------------------------------
 
@@ -100,8 +106,11 @@ class DefinitionsFeed:
                 consumer.close()
 
     def _reached(self, position: int) -> None:
+        """The feed has read (and taken or parked) everything before `position`: definitions are that recent."""
         with self._changed:
             self._position = max(self._position, position)
+            if self._position > self.live.position:
+                self.live = replace(self.live, position=self._position)
             self._changed.notify_all()
 
     def _sync(self, timeout_s: float) -> None:
@@ -125,22 +134,33 @@ class DefinitionsFeed:
             log.warning("definitions: a record of %s does not decode (%s); skipped", self.topic, exc)
             return
         ident = (record["kind"], record["key"])
-        if record["version"] <= (self.version(*ident) or 0) and ident in self._held:
-            return
-        held = dict(self._held)
-        if record["deleted"]:
-            held.pop(ident, None)
-        else:
-            held[ident] = Held(record["kind"], record["key"], record["body"], record["version"], record["updated_at"])
-        try:
-            live = self._build(held)
-        except ConfigError as exc:  # checked before it was written; a config file change can still clash with it
-            log.warning("definitions: %s %s v%d does not fit the others (%s); kept the previous ones",
-                        record["kind"], record["key"], record["version"], exc)  # fmt: skip
-            return
-        with self._changed:
-            self._held, self.live = held, live
-            self._changed.notify_all()
+        if record["version"] < (self.version(*ident) or 0) and ident in self._held:
+            return  # at the same version the later record wins, as compaction will decide for a fresh reader
+        self._parked[ident] = record
+        self._unpark()
+
+    def _unpark(self) -> None:
+        """Take every parked record that fits now. A record can arrive before one it depends on (an audience
+        before its trait, once compaction has dropped the trait's first version): it waits here, not lost."""
+        progress = True
+        while progress and self._parked:
+            progress = False
+            for ident, record in list(self._parked.items()):
+                held = dict(self._held)
+                if record["deleted"]:
+                    held.pop(ident, None)
+                else:
+                    held[ident] = Held(record["kind"], record["key"], record["body"], record["version"], record["updated_at"])
+                try:
+                    live = self._build(held)
+                except ConfigError as exc:
+                    log.info("definitions: %s %s v%d waits for what it refers to (%s)", *ident, record["version"], exc)
+                    continue
+                del self._parked[ident]
+                progress = True
+                with self._changed:
+                    self._held, self.live = held, replace(live, position=self.live.position)
+                    self._changed.notify_all()
 
     @staticmethod
     def _build(held: Mapping[tuple[str, str], Held]) -> Live:
@@ -165,16 +185,16 @@ class DefinitionsFeed:
 
     async def publish(self, kind: str, body: Mapping[str, Any], producer: AsyncProducer, timeout_s: float = 30.0) -> Held:
         """Check against everything written so far, write with the next version, wait until the feed holds it."""
-        await asyncio.to_thread(self._sync, timeout_s)
-        key = self.check(kind, body)
-        version = (self.version(kind, key) or 0) + 1
-        record = {"kind": kind, "key": key, "body": dict(body), "version": version,
-                  "updated_at": int(time.time() * 1000), "deleted": False}  # fmt: skip
-        await producer.write_all([Record(self.topic, f"{kind}:{key}".encode(), self.codec.encode(record), 0)])
-        if not await asyncio.to_thread(self._wait_for, kind, key, version, timeout_s):
-            raise DeliveryFailed(f"{kind} {key!r} v{version} was written but not read back within {timeout_s:.0f}s")
-        return self._held[(kind, key)]
+        async with self._publishing:  # one at a time per worker; Conflict covers a race with another worker
+            await asyncio.to_thread(self._sync, timeout_s)
+            key = self.check(kind, body)
+            version = (self.version(kind, key) or 0) + 1
+            record = {"kind": kind, "key": key, "body": dict(body), "version": version,
+                      "updated_at": int(time.time() * 1000), "deleted": False}  # fmt: skip
+            await producer.write_all([Record(self.topic, f"{kind}:{key}".encode(), self.codec.encode(record), 0)])
+            await asyncio.to_thread(self._sync, timeout_s)  # everything up to our record, and any racing one
+            held = self._held.get((kind, key))
+            if held is None or held.version != version or held.body != record["body"]:
+                raise Conflict(f"{kind} {key!r} was changed by another request at the same time; GET it and retry")
+            return held
 
-    def _wait_for(self, kind: str, key: str, version: int, timeout_s: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: (self.version(kind, key) or 0) >= version, timeout_s)

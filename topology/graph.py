@@ -14,6 +14,7 @@ wired; the other topics of the product are declared in topology/topics.py and cr
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from topology.compute_stage import TICK_S, ComputeCodecs, ComputeStage, ComputeT
 from topology.compute_views import INTERNAL, PAGE_DEFAULT, ComputeViews
 from topology.config import Settings
 from topology.dedup_stage import DedupStage
-from topology.definitions_feed import KINDS, DefinitionsFeed
+from topology.definitions_feed import KINDS, Conflict, DefinitionsFeed
 from topology.http import IngestServer
 from topology.identity_stage import IdentityCodecs, IdentityStage, IdentityTopics
 from topology.identity_views import IdentityViews
@@ -274,7 +275,7 @@ def build(settings: Settings) -> Graph:
                 return self.json({"error": f"unknown definition kind {kinds!r}; one of {sorted(KINDS)}"}, status=404)
             if not settings.admin_token:
                 return self.json({"error": "the definitions API is off: set CDP_ADMIN_TOKEN"}, status=403)
-            if request.headers.get("Authorization", "") != f"Bearer {settings.admin_token}":
+            if not hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {settings.admin_token}"):
                 return self.json({"error": "admin token missing or wrong (Authorization: Bearer <CDP_ADMIN_TOKEN>)"}, status=401)
             try:
                 body = await request.json()
@@ -284,6 +285,8 @@ def build(settings: Settings) -> Graph:
                 held = await definitions.publish(KINDS[kinds], body, producer())
             except ConfigError as exc:
                 return self.json({"error": str(exc)}, status=400)
+            except Conflict as exc:
+                return self.json({"error": str(exc)}, status=409)
             except CdpError as exc:
                 return self.json({"error": str(exc)}, status=503)
             return self.json({"definition": held.body, "version": held.version, "updated_at": held.updated_at}, status=201)

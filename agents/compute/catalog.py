@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from agents.compute.definitions import OPERATORS, TraitDefinition, check_condition, leaves, parse_trait
+from agents.compute.definitions import OPERATORS, TraitDefinition, check_condition, check_key, leaves, parse_trait
 from agents.compute.traits import compare
 from agents.durations import parse_duration_ms
 from agents.errors import ConfigError
@@ -79,9 +79,7 @@ def parse_audience(raw: Any) -> AudienceDefinition:
     """An audience definition from its JSON/YAML form; raises ConfigError naming the audience and the problem."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"an audience definition is an object, not {raw!r}")
-    key = raw.get("key")
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"an audience definition needs a non-empty string key, got {key!r}")
+    key = check_key(raw.get("key"), "audience")
     unknown = set(raw) - set(AUDIENCE_FIELDS)
     if unknown:
         fields = sorted(unknown, key=str)

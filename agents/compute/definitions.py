@@ -10,6 +10,7 @@ gt, gte, lt, lte, contains, exists, in, or `all` / `any` / `not` over conditions
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ NUMERIC_KINDS = ("sum", "avg", "min", "max")
 OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "contains", "exists", "in")
 CALL_EVENTS = {"Page Viewed": "page", "Screen Viewed": "screen"}
 KEYS = {"key", "kind", "event", "property", "window", "where", "description"}
+KEY = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,7 @@ def parse_trait(raw: Any) -> TraitDefinition:
     """A trait definition from its JSON/YAML form; raises ConfigError naming the first problem."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a trait definition is an object, not {raw!r}")
-    key = raw.get("key")
-    if not isinstance(key, str) or not key:
-        raise ConfigError(f"a trait definition needs a non-empty string key, got {key!r}")
+    key = check_key(raw.get("key"), "trait")
     where = f"trait {key!r}"
     unknown = set(raw) - KEYS
     if unknown:
@@ -60,7 +60,7 @@ def parse_trait(raw: Any) -> TraitDefinition:
     if raw.get("window") is not None:
         try:
             window_ms = parse_duration_ms(raw["window"])
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise ConfigError(f"{where}: bad window: {exc}") from exc
         if window_ms < 1_000:
             raise ConfigError(f"{where}: a window must be at least 1s, not {raw['window']!r}")
@@ -68,6 +68,13 @@ def parse_trait(raw: Any) -> TraitDefinition:
     if condition is not None:
         check_condition(condition, f"{where}: where")
     return TraitDefinition(key, kind, event, prop if kind != "count" else None, window_ms, condition)
+
+
+def check_key(key: Any, kind: str) -> str:
+    """A definition key: what URLs, state keys (`a|<audience>|<id>`) and change records name it by."""
+    if not isinstance(key, str) or not KEY.fullmatch(key):
+        raise ConfigError(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} definition needs a key of letters, digits and . _ - (at most 100), got {key!r}")
+    return key
 
 
 def leaves(condition: Any, where: str) -> Iterator[tuple[str, Any]]:

@@ -77,6 +77,10 @@ def member_key(audience: str, profile_id: str) -> str:
     return f"a|{audience}|{profile_id}"
 
 
+class DefinitionsBehind(Exception):
+    """This worker's definitions are older than the ones a command or a partition was handled with: wait."""
+
+
 def pending(state: State) -> frozenset[str]:
     """State ids whose backfill is still reading history in this partition."""
     backfills = state.get("b|")
@@ -111,10 +115,17 @@ class ComputeEngine:
         out.commands.append((merged, {"kind": "fold_out", "profile": merged, "into": survivor, "at": entry["timestamp"]}))
 
     def command(self, command: Command, state: State, out: Changes, now: int) -> None:
+        """A command from another partition. It says which definitions its sender had (`feed`, a position in
+        cdp.definitions); a receiver that is behind must not act on it yet (DefinitionsBehind: retry later), so
+        a forwarded event counts for exactly the state ids its sender counted it for, and no state is dropped
+        as unknown that is merely new."""
         kind = command["kind"]
+        if command.get("feed", 0) > self._live().position:
+            raise DefinitionsBehind(f"a {kind} command needs definitions up to {command['feed']}, this worker has "
+                                    f"{self._live().position}")  # fmt: skip
         if kind == "event":
             if self._first_forward(f"sf|{command['profile']}|{command['event']['message_id']}", state):
-                self._event_at(command["profile"], command["event"], state, out, now)
+                self._event_at(command["profile"], command["event"], state, out, now, only=frozenset(command["sids"]))
         elif kind == "backfill_event":
             seen = f"sb|{command['profile']}|{','.join(sorted(command['sids']))}|{command['event']['message_id']}"
             if self._first_forward(seen, state):
@@ -148,9 +159,10 @@ class ComputeEngine:
         """A past event counted for the state ids a backfill computes, and for nothing else (the rest counted it)."""
         forward = state.get(f"f|{profile_id}")
         if forward is not None:
-            out.commands.append((forward["to"], {"kind": "backfill_event", "profile": forward["to"], "event": dict(event), "sids": list(sids)}))
+            out.commands.append((forward["to"], {"kind": "backfill_event", "profile": forward["to"], "event": dict(event),
+                                                 "sids": list(sids), "feed": self._live().position}))  # fmt: skip
             return
-        self._event_at(profile_id, event, state, out, now, only=frozenset(sids))
+        self._event_at(profile_id, event, state, out, now, only=frozenset(sids), identify=False)
 
     def settle(self, profile_id: str, state: State, out: Changes, now: int, cause: Cause) -> None:
         """Re-compute every trait and audience of a profile (a backfill is done: its values may be emitted)."""
@@ -161,15 +173,18 @@ class ComputeEngine:
     # -- steps -------------------------------------------------------------------------------------------------
 
     def _event_at(self, profile_id: str, event: Mapping[str, Any], state: State, out: Changes, now: int,
-                  *, only: frozenset[str] | None = None) -> None:  # fmt: skip
+                  *, only: frozenset[str] | None = None, identify: bool = True) -> None:  # fmt: skip
+        live = self._live()
         forward = state.get(f"f|{profile_id}")
         if forward is not None:
-            out.commands.append((forward["to"], {"kind": "event", "profile": forward["to"], "event": dict(event)}))
+            sids = sorted(only if only is not None else live.sids.values())
+            out.commands.append((forward["to"], {"kind": "event", "profile": forward["to"], "event": dict(event),
+                                                 "sids": sids, "feed": live.position}))  # fmt: skip
             return
         record = state.get(f"p|{profile_id}") or _new_record()
         at = min(int(event["timestamp"]), now)  # a client clock ahead of ours counts now, not in a future bucket
         counted = {**event, "timestamp": at} if at != event["timestamp"] else event
-        live, touched = self._live(), []
+        touched = []
         for key, definition in live.catalog.all_traits.items():
             sid = live.sids[key]
             if only is not None and sid not in only:
@@ -180,7 +195,7 @@ class ComputeEngine:
                 record["t"][sid] = after
                 touched.append(key)
         cause = Cause(f"event {trait_state.event_name(event) or event['type']}", int(event["timestamp"]), event["message_id"])
-        if event["type"] == "identify" and only is None:  # a group call's traits are the account's, not the person's
+        if event["type"] == "identify" and identify:  # a group call's traits are the account's, not the person's
             self._identify(profile_id, record, event, out, cause)
         self._settle(profile_id, record, touched, state, out, now, cause)
 
@@ -209,7 +224,8 @@ class ComputeEngine:
             if record.get("x") is not None:
                 state.delete(due_key(record["x"], merged))
             state.delete(f"p|{merged}")
-        out.commands.append((survivor, {"kind": "fold_in", "profile": survivor, "from": merged, "record": record, "at": command["at"]}))
+        out.commands.append((survivor, {"kind": "fold_in", "profile": survivor, "from": merged, "record": record, "at": command["at"],
+                                        "feed": self._live().position}))  # fmt: skip
 
     def _fold_in(self, command: Command, state: State, out: Changes, now: int) -> None:
         survivor, merged = command["profile"], command["from"]
@@ -269,7 +285,7 @@ class ComputeEngine:
             else:
                 record["v"][key] = new
             if key in live.catalog.traits:
-                out.traits.append(_change(profile_id, key, "computed", _shown(old), _shown(new), record, cause))
+                out.traits.append(_change(profile_id, key, "computed", _shown(definition.kind, old), _shown(definition.kind, new), record, cause))
         for key in [key for key in record["v"] if key not in live.catalog.all_traits]:
             del record["v"][key]
         if changed or always:
@@ -330,9 +346,10 @@ def _new_record() -> Record:
     return {"t": {}, "v": {}, "i": {}, "m": {}, "seq": 0, "x": None}
 
 
-def _shown(value: Any) -> Any:
-    """What a change says: an empty trait (count 0, no list) is 'no value', as before the first event."""
-    return None if value in (0, [], None) and not isinstance(value, bool) else value
+def _shown(kind: str, value: Any) -> Any:
+    """What a change says: a trait with nothing counted yet (count 0, an empty list) is 'no value', as before its
+    first event; a real 0 of min, max, avg, first or last stays 0."""
+    return None if kind in NO_VALUE and value == NO_VALUE[kind] else value
 
 
 def _change(profile_id: str, trait: str, origin: str, old: Any, new: Any, record: Record, cause: Cause) -> Record:

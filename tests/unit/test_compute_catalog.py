@@ -64,8 +64,10 @@ ERRORS = [
     ([{"key": "a", "when": {"event": "E"}, "colour": "red"}], ["audience 'a': unknown fields ['colour']"]),
     ([{"key": "a"}], ["audience 'a': needs a when condition"]),
     ([{"key": "a", "when": {"event": "E"}, "description": 3}], ["audience 'a': description must be a string"]),
-    ([{"key": "", "when": {"event": "E"}}], ["needs a non-empty string key, got ''"]),
-    ([{"when": {"event": "E"}}], ["needs a non-empty string key, got None"]),
+    ([{"key": "", "when": {"event": "E"}}], ["needs a key of letters, digits", "got ''"]),
+    ([{"when": {"event": "E"}}], ["needs a key of letters, digits", "got None"]),
+    ([{"key": "a|b", "when": {"event": "E"}}], ["needs a key of letters, digits", "got 'a|b'"]),
+    ([{"key": "a/b", "when": {"event": "E"}}], ["needs a key of letters, digits", "got 'a/b'"]),
     (["big_spenders"], ["an audience definition is an object, not 'big_spenders'"]),
 ]  # fmt: skip
 
@@ -80,7 +82,7 @@ def test_bad_audiences_name_the_audience_the_path_and_the_problem(audiences: lis
 
 @pytest.mark.parametrize("traits, part", [
     ([*TRAITS, {"key": "ltv", "kind": "count"}], "trait 'ltv' is defined twice"),
-    ([{"key": "~abc", "kind": "count"}], "trait '~abc': keys starting with '~' are reserved"),
+    ([{"key": "~abc", "kind": "count"}], "needs a key of letters, digits and . _ - (at most 100), got '~abc'"),
     ([{"key": "x", "kind": "median"}], "trait 'x': unknown kind 'median'"),
 ])  # fmt: skip
 def test_bad_traits_name_the_trait_and_the_problem(traits: list[Any], part: str) -> None:

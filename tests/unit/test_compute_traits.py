@@ -140,7 +140,8 @@ def test_windowed_state_stays_bounded() -> None:
     ({"key": "x", "kind": "count", "where": {"property": "a", "like": 1}}, "exactly one operator"),
     ({"key": "x", "kind": "count", "where": {"all": []}}, "non-empty list"),
     ({"key": "x", "kind": "count", "colour": "red"}, "unknown fields ['colour']"),
-    ({"kind": "count"}, "non-empty string key"),
+    ({"kind": "count"}, "needs a key of letters"),
+    ({"key": "x", "kind": "count", "window": ["1d"]}, "bad window"),
 ])  # fmt: skip
 def test_bad_definitions_name_the_problem(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
