@@ -275,10 +275,8 @@ class ComputeStage(PartitionedStage):
                 consumer.close()
 
     async def _backfill_events(self, partition: int, run: dict[str, Any], consumer: Any) -> None:
-        start = run["next"]
-        if start is None:
-            low, _ = await asyncio.to_thread(consumer.get_watermark_offsets, TopicPartition(self.topics.resolved, partition), 30)
-            start = low
+        low, _ = await asyncio.to_thread(consumer.get_watermark_offsets, TopicPartition(self.topics.resolved, partition), 30)
+        start = max(run["next"] or 0, low)  # what retention deleted meanwhile can't be read: go on from the oldest kept
         messages, reached = await asyncio.to_thread(read_range, consumer, self.topics.resolved, partition, start, run["until"], BACKFILL_CHUNK)
         records = [(m.offset(), m.value()) for m in messages]
         await self.run_in(partition, lambda tx, out: self._backfill_chunk(tx, out, run["gen"], run["next"], start, records, reached))
