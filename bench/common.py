@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -78,8 +78,9 @@ class Bench:
 
 
 @contextmanager
-def bench_pipeline(settings: Settings) -> Iterator[Bench]:
-    """Fresh topics under a unique prefix, on the configured Kafka or on a temporary local broker."""
+def bench_pipeline(settings: Settings, extra_config: Mapping[str, Any] | None = None) -> Iterator[Bench]:
+    """Fresh topics under a unique prefix, on the configured Kafka or on a temporary local broker; `extra_config`
+    adds keys to the pipeline's YAML config (e.g. `traits` and `audiences`)."""
     from topology.kafka_local import LocalKafka, free_ports, is_reachable
 
     with tempfile.TemporaryDirectory(prefix="cdp-bench-") as tmp:
@@ -97,7 +98,8 @@ def bench_pipeline(settings: Settings) -> Iterator[Bench]:
             settings = replace(settings, topics=replace(settings.topics, prefix=prefix), ingest_port=ingest_port, web_port=web_port)
             config = scratch / "bench.yaml"
             config.write_text(json.dumps({"sources": [{"name": "bench", "write_key": WRITE_KEY}],
-                                          "topics": {"prefix": prefix, "partitions": settings.topics.partitions}}))  # fmt: skip
+                                          "topics": {"prefix": prefix, "partitions": settings.topics.partitions},
+                                          **(extra_config or {})}))  # fmt: skip
             ensure_topics(settings)
             env = {**os.environ, "CDP_CONFIG": str(config), "CDP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
                    "CDP_INGEST_PORT": str(settings.ingest_port), "CDP_WEB_PORT": str(settings.web_port),
