@@ -9,16 +9,18 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import requests
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from topology.admin import ensure_topics
 from topology.config import Settings
+from topology.producer import producer_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WRITE_KEY = "wk_bench"
@@ -156,3 +158,27 @@ def consume_produce_floor(settings: Settings, source: str, events: int, transfor
     consumer.close()
     return {"events": seen, "seconds": round(seconds, 2), "events_per_s": round(seen / seconds, 1),
             "cpu_s_per_million": round(cpu / seen * 1e6, 1)}  # fmt: skip
+
+
+def produce_all(settings: Settings, topic: str, records: Iterable[tuple[bytes, bytes]]) -> None:
+    """Write (key, value) records to `topic`, partitioned by key as Faust and our stages do; raise unless all acked."""
+    producer = Producer(producer_config(settings.kafka_bootstrap, 60_000))
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.01)
+    if producer.flush(60):
+        raise RuntimeError(f"{topic}: input not acknowledged within 60 s")
+
+
+def end_offsets(settings: Settings, topic: str) -> int:
+    """The sum of a topic's partitions' end offsets: how many records it has had."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "bench-watermarks"})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
+    finally:
+        consumer.close()

@@ -48,7 +48,7 @@ import requests
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from agents.compute.catalog import build_catalog
-from bench.common import Bench, bench_pipeline, consume_produce_floor, cpu_seconds, write_report
+from bench.common import Bench, bench_pipeline, consume_produce_floor, cpu_seconds, end_offsets, produce_all, write_report
 from bench.identity import log_sizes, log_warnings, wait_group_stable, workers
 from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import Settings
@@ -219,17 +219,7 @@ def encode(stream: Sequence[dict[str, Any]]) -> list[tuple[bytes, bytes]]:
 
 def fill(settings: Settings, records: Sequence[tuple[bytes, bytes]]) -> None:
     """Write (key, value) records to events.resolved, partitioned by key as Faust and identity do."""
-    producer = Producer(producer_config(settings.kafka_bootstrap, 60_000))
-    topic = EVENTS_RESOLVED.name(settings)
-    for key, value in records:
-        while True:
-            try:
-                producer.produce(topic, value, key)
-                break
-            except BufferError:
-                producer.poll(0.01)
-    if producer.flush(60):
-        raise RuntimeError(f"{topic}: input not acknowledged within 60 s")
+    produce_all(settings, EVENTS_RESOLVED.name(settings), records)
 
 
 # -- the worker ----------------------------------------------------------------------------------------------
@@ -459,13 +449,7 @@ def configuration(shared: Settings, count: int, events: int, *, floor: bool) -> 
 
 
 def dead_letters(settings: Settings) -> int:
-    topic = EVENTS_DEAD_LETTER.name(settings)
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "bench-watermarks"})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
-    finally:
-        consumer.close()
+    return end_offsets(settings, EVENTS_DEAD_LETTER.name(settings))
 
 
 def decode_encode_floor(settings: Settings, events: int) -> dict[str, Any]:

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
-from bench.common import Bench, bench_pipeline, consume_produce_floor, cpu_seconds, wait_healthy, write_report
+from bench.common import end_offsets, Bench, bench_pipeline, consume_produce_floor, cpu_seconds, wait_healthy, write_report
 from bench.ingest import encoded_events
 from topology.config import Settings
 from topology.producer import producer_config
@@ -44,15 +44,6 @@ def fill(settings: Settings, events: int, duplicate_share: float) -> int:
                 producer.poll(0.01)
     producer.flush(60)
     return distinct
-
-
-def end_offsets(settings: Settings, topic: str) -> int:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "bench-watermarks"})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
-    finally:
-        consumer.close()
 
 
 def floor(settings: Settings, events: int) -> dict[str, Any]:

@@ -32,17 +32,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupState, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupState, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from agents.events import RawEvent
 from agents.identity.rules import IdentityRules
-from bench.common import Bench, bench_pipeline, consume_produce_floor, cpu_seconds, wait_healthy, write_report
+from bench.common import produce_all, Bench, bench_pipeline, consume_produce_floor, cpu_seconds, wait_healthy, write_report
 from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import Settings
 from topology.partitioned_stage import partition_for
 from topology.kafka_local import free_ports
-from topology.producer import producer_config
 from topology.topics import EVENTS_DEAD_LETTER, EVENTS_RAW, EVENTS_RESOLVED, IDENTITY_MERGES
 
 MERGE_SHARES = (0.0, 0.05, 0.3)
@@ -184,18 +183,7 @@ def identity_stream(events: int, merge_share: float, run: str, partitions: int) 
 def fill(settings: Settings, stream: list[RawEvent]) -> None:
     """Write the calls to events.raw keyed by messageId, as dedup would have: partitioned like Faust hashes."""
     codec = AvroCodec("raw_event", SchemaRepository.load())
-    producer = Producer(producer_config(settings.kafka_bootstrap, 60_000))
-    topic = EVENTS_RAW.name(settings)
-    for event in stream:
-        value, key = codec.encode(event), event["message_id"].encode()
-        while True:
-            try:
-                producer.produce(topic, value, key)
-                break
-            except BufferError:
-                producer.poll(0.01)
-    if producer.flush(60):
-        raise RuntimeError(f"{topic}: input not acknowledged within 60 s")
+    produce_all(settings, EVENTS_RAW.name(settings), ((event["message_id"].encode(), codec.encode(event)) for event in stream))
 
 
 # -- reading topics ------------------------------------------------------------------------------------------

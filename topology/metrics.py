@@ -37,5 +37,11 @@ def render(metrics: Iterable[Metric]) -> str:
         lines.append(f"# TYPE {metric.name} {metric.kind}")
         for labels, value in metric.samples:
             label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-            lines.append(f"{metric.name}{{{label_text}}} {value:g}" if label_text else f"{metric.name} {value:g}")
+            shown = _number(value)
+            lines.append(f"{metric.name}{{{label_text}}} {shown}" if label_text else f"{metric.name} {shown}")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """Exact: a counter past a million must not print as 1.23457e+06."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
