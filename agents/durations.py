@@ -24,7 +24,10 @@ def parse_duration_ms(text: str | int | float) -> int:
     if match is None:
         raise ValueError(f"not a duration: {text!r} (write it like 90s, 5m, 2h or 30d)")
     amount, unit = match.groups()
-    return int(float(amount) * _UNITS_MS[unit])
+    ms = float(amount) * _UNITS_MS[unit]
+    if not ms < 2**63:  # also inf, for a thousand digits: a duration must fit a Kafka long
+        raise ValueError(f"duration {text[:40]!r} is too long")
+    return int(ms)
 
 
 def format_duration_ms(ms: int) -> str:

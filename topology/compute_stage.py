@@ -31,12 +31,18 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
+from agents.compute.commands import check_resolved
 from agents.compute.engine import Cause, Changes, ComputeEngine, DefinitionsBehind
 from agents.compute.generations import Live
-from agents.errors import DeliveryFailed, InvalidMessage, UndecodableError
+from agents.errors import UndecodableError
+from agents.events import ResolvedEvent
+from agents.state import Overlay
 from topology.codecs import AvroCodec
+from topology.dead_letters import DeadLetters
 from topology.partition_reader import catch_up_consumer, read_range
-from topology.partitioned_stage import BATCH, Output, PartitionedStage, StageIO, command_records
+from topology.partitioned_stage import (
+    Failure, Output, PartitionedStage, StageIO, command_bytes, command_records, commands_of,
+)  # fmt: skip
 from topology.producer import AsyncProducer, Record
 from topology.state_store import StateStore, Transaction
 
@@ -84,6 +90,7 @@ class ComputeCounters:
     backfill_read: int = 0
     backfill_counted: int = 0
     dead_lettered: int = 0
+    failed: int = 0  # commands that failed and were settled (dead-lettered), profiles a timer or backfill skipped
     caught_up: int = 0
 
 
@@ -95,6 +102,7 @@ class ComputeStage(PartitionedStage):
         codecs: ComputeCodecs,
         live: Callable[[], Live],
         live_ready: Callable[[], bool] = lambda: True,
+        definitions_exist: Callable[[int], bool] = lambda position: True,
         partitions: int,
         store_dir: Path,
         bootstrap: str,
@@ -105,14 +113,15 @@ class ComputeStage(PartitionedStage):
     ) -> None:
         io = StageIO(
             name="compute", inputs={topics.resolved: "resolved", topics.merges: "merges", topics.commands: "commands"},
-            state_topic=topics.state, state_codec=codecs.state, dead_letter_topic=topics.dead_letter,
-            dead_letter_codec=codecs.dead_letter,
+            state_topic=topics.state, state_codec=codecs.state,
+            dead_letters=DeadLetters("compute", topics.dead_letter, codecs.dead_letter),
         )  # fmt: skip
         super().__init__(io=io, partitions=partitions, store_dir=store_dir, bootstrap=bootstrap, producer=producer,
                          batch_size=batch_size, batch_within=batch_within)  # fmt: skip
         self.live, self.live_ready = live, live_ready
         self._snapshot = live()  # the definitions of the batch being applied (see prepare)
-        self.topics, self.codecs, self.engine, self.clock = topics, codecs, ComputeEngine(lambda: self._snapshot), clock
+        self.topics, self.codecs, self.clock = topics, codecs, clock
+        self.engine = ComputeEngine(lambda: self._snapshot, definitions_exist)
         self._counters = ComputeCounters()
         self._backfills: dict[int, asyncio.Task[None]] = {}
         self._woken: dict[int, bool] = {}
@@ -126,31 +135,42 @@ class ComputeStage(PartitionedStage):
         return int(self.clock() * 1000)
 
     def apply(self, mark: str, message: Any, tx: Transaction, out: Output) -> None:
-        if message.value is None:
-            raise UndecodableError("empty record (no value)")
+        """One input: an event or a merge that can't be taken raises (the stage dead-letters it); the commands of a
+        record are applied one by one, and one that fails is settled by the engine and dead-lettered alone."""
         changes, now = Changes(), self.now()
         if mark == "resolved":
-            resolved = self.codecs.resolved.decode(message.value)
             self._counters.events += 1
-            attempt = Transaction(tx)  # type: ignore[arg-type]  # all or nothing: a refused event leaves no trace
-            try:
-                counted = self.engine.event(resolved["profile_id"], resolved["event"], attempt, changes, now, message.offset)  # type: ignore[arg-type]
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise InvalidMessage(f"the compute stage can't take this event: {exc!r}") from exc
-            tx.changes.update(attempt.changes)
+            resolved = self.decode_resolved(message.value)
+            counted = self.engine.event(resolved["profile_id"], resolved["event"], tx, changes, now, message.offset)
             self._counters.duplicates += not counted
         elif mark == "merges":
             self._counters.merges += 1
-            self.engine.merge(self.codecs.merges.decode(message.value), changes)
+            self.engine.merge(self._decode(self.codecs.merges, message.value), changes)
         else:
-            body = self.codecs.command.decode(message.value)["body"]
-            for command in body["commands"] if body.get("kind") == BATCH else [body]:
+            for command in self.decode_commands(message.value):
                 self._counters.commands += 1
-                try:
-                    self.engine.command(command, tx, changes, now)  # a bug in our own commands stalls the partition
-                except DefinitionsBehind as exc:
-                    raise DeliveryFailed(f"waiting for the definitions feed: {exc}") from exc
+                self.engine.apply(command, tx, changes, now)  # DefinitionsBehind (a Waiting) retries the batch
+            for command, error in changes.failed:
+                out.failed.append(Failure(error, message.key, command_bytes(self.codecs.command, command)))
+            self._counters.failed += len(changes.failed)
         self._emit(changes, out)
+
+    def decode_resolved(self, value: bytes | None) -> ResolvedEvent:
+        """The stage's decode step for cdp.events.resolved: a ResolvedEvent whose event is a RawEvent as the ingest
+        writes it, or a BadEventError."""
+        resolved = self._decode(self.codecs.resolved, value)
+        check_resolved(resolved)
+        return resolved  # type: ignore[return-value]
+
+    def decode_commands(self, value: bytes | None) -> list[Any]:
+        """The stage's decode step for cdp.compute.commands: the record's commands (each checked when applied)."""
+        return commands_of(self._decode(self.codecs.command, value)["body"])
+
+    @staticmethod
+    def _decode(codec: AvroCodec, value: bytes | None) -> dict[str, Any]:
+        if value is None:
+            raise UndecodableError("empty record (no value)")
+        return codec.decode(value)
 
     def _emit(self, changes: Changes, out: Output) -> None:
         out.outbox.extend([key, command] for key, command in changes.commands)
@@ -188,12 +208,33 @@ class ComputeStage(PartitionedStage):
         now, changes, done = self.now(), Changes(), 0
         for key in tx.store.keys("x|"):
             _, at, profile_id = key.split("|", 2)
+            if not at.isdigit():  # not a time this stage writes (event times are taken within [0, now])
+                tx.delete(key)
+                continue
             if int(at) > now or done >= DUE_PER_TICK:
                 break
-            self.engine.expire(profile_id, int(at), tx, changes, now)
+            expire = lambda state, step, profile_id=profile_id, at=int(at): self.engine.expire(profile_id, at, state, step, now)  # noqa: E731
+            changes.extend(self._guarded(tx, key, f"expiring the windows of {profile_id}", expire) or Changes())
             done += 1
         self._counters.expired += done
         self._emit(changes, out)
+
+    def _guarded(self, tx: Transaction, drop: str | None, what: str,
+                 step: Callable[[Overlay, Changes], None]) -> Changes | None:  # fmt: skip
+        """One profile's step of a timer or backfill, all or nothing; what it changed (None: it failed). These have
+        no input record to dead-letter, so a profile whose step fails is logged, counted and skipped (`drop`, its due
+        key, is deleted so the clock does not pick it again): the partition goes on."""
+        attempt, changes = Overlay(tx), Changes()
+        try:
+            step(attempt, changes)
+        except Exception:
+            log.exception("compute: %s failed; skipped", what)
+            self._counters.failed += 1
+            if drop is not None:
+                tx.delete(drop)
+            return None
+        attempt.commit()
+        return changes
 
     # -- backfill ----------------------------------------------------------------------------------------------
 
@@ -204,8 +245,8 @@ class ComputeStage(PartitionedStage):
         live = self._snapshot = self.live()
         record = tx.get("b|") or {"gens": [], "sids": [], "runs": []}
         if record.get("feed", 0) > live.position:  # handled with newer definitions before (this partition moved)
-            raise DeliveryFailed(f"partition {partition} was handled with definitions up to {record['feed']}; "
-                                 f"this worker's feed is at {live.position}")  # fmt: skip
+            raise DefinitionsBehind(f"partition {partition} was handled with definitions up to {record['feed']}; "
+                                    f"this worker's feed is at {live.position}")  # fmt: skip
         new = [gen for gen in live.generations if gen not in record["gens"]]
         superseded = [run for run in record["runs"] if run["gen"] not in live.generations]
         if not new and not superseded:
@@ -290,25 +331,19 @@ class ComputeStage(PartitionedStage):
         run.setdefault("from", start)
         changes, now, counted = Changes(), self.now(), 0
         for offset, value in records:
-            if value is None:
-                continue
             try:
-                resolved = self.codecs.resolved.decode(value)
-            except UndecodableError:
+                resolved = self.decode_resolved(value)
+            except Exception:
                 continue  # dead-lettered when it was read live
             event = resolved["event"]
-            seen = tx.get(f"s|{event['message_id']}")  # type: ignore[index]
+            seen = tx.get(f"s|{event['message_id']}")
             if seen is None or seen.get("o") != offset:
                 continue  # a repeated copy (live processing counted the first), or one live processing refused
-            attempt, attempt_changes = Transaction(tx), Changes()  # type: ignore[arg-type]
-            try:
-                self.engine.backfill_event(resolved["profile_id"], event, run["sids"], attempt, attempt_changes, now)  # type: ignore[arg-type]
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # refused live too: skip it here as well
-                log.warning("compute: backfill %s skips %s: %r", gen, event.get("message_id"), exc)  # type: ignore[union-attr]
-                continue
-            tx.changes.update(attempt.changes)
-            changes.commands.extend(attempt_changes.commands)
-            counted += 1
+            step = self._guarded(tx, None, f"backfill {gen} of {event['message_id']}", lambda state, step, resolved=resolved:
+                                 self.engine.backfill_event(resolved["profile_id"], resolved["event"], run["sids"], state, step, now))  # fmt: skip
+            if step is not None:
+                changes.commands.extend(step.commands)  # values and memberships are emitted when the run settles
+                counted += 1
         run["next"], run["read"], run["counted"] = reached, run["read"] + len(records), run["counted"] + counted
         if reached >= run["until"]:
             run["phase"] = "settle"
@@ -325,7 +360,8 @@ class ComputeStage(PartitionedStage):
         changes, now = Changes(), self.now()
         keys = list(islice(tx.store.keys("p|", run["after"]), SETTLE_CHUNK))
         for key in keys:
-            self.engine.settle(key[2:], tx, changes, now, Cause(f"definition {gen}", now))
+            changes.extend(self._guarded(tx, None, f"settling {key[2:]} after backfill {gen}", lambda state, step, profile=key[2:]:
+                                         self.engine.settle(profile, state, step, now, Cause(f"definition {gen}", now))) or Changes())  # fmt: skip
         run["settled"] += len(keys)
         if len(keys) < SETTLE_CHUNK:
             record["runs"] = [r for r in record["runs"] if r["gen"] != gen]

@@ -8,6 +8,7 @@ a silently ignored setting.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,6 +64,8 @@ class Settings:
     ingest_port: int = 8080
     web_port: int = 6066
     web_host: str = "127.0.0.1"  # how other workers reach this one's web views (CDP_WEB_HOST)
+    web_bind: str = "127.0.0.1"  # where the worker's web views listen (CDP_WEB_BIND): they show personal data
+    ingest_bind: str = "0.0.0.0"  # where the ingest listens (CDP_INGEST_BIND): it is meant for clients
     admin_token: str | None = None
     kafka_runtime: Path | None = None  # where the local broker's jars are cached; None: data_dir/kafka-runtime
     config_path: Path | None = None
@@ -89,8 +92,14 @@ class Settings:
             overrides["data_dir"] = Path(env["CDP_DATA_DIR"])
         if env.get("CDP_KAFKA_RUNTIME_DIR"):
             overrides["kafka_runtime"] = Path(env["CDP_KAFKA_RUNTIME_DIR"])
+        if env.get("CDP_WEB_BIND"):
+            overrides["web_bind"] = env["CDP_WEB_BIND"]
         if env.get("CDP_WEB_HOST"):
             overrides["web_host"] = env["CDP_WEB_HOST"]
+        elif overrides.get("web_bind") not in (None, "127.0.0.1", "localhost", "::1"):
+            overrides["web_host"] = socket.gethostname()  # bound for others to reach: they reach it by this name
+        if env.get("CDP_INGEST_BIND"):
+            overrides["ingest_bind"] = env["CDP_INGEST_BIND"]
         if env.get("CDP_ADMIN_TOKEN"):
             overrides["admin_token"] = env["CDP_ADMIN_TOKEN"]
         for name, key in (("ingest_port", "CDP_INGEST_PORT"), ("web_port", "CDP_WEB_PORT")):

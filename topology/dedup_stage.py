@@ -4,7 +4,9 @@ Reads cdp.events.accepted (key messageId, so every copy of a messageId meets in 
 first sightings to the *same partition number* of cdp.events.raw, which doubles as the changelog of the
 per-partition SeenStore (see topology/seen_store.py). Order of effects per batch, and why it is crash-safe:
   1. catch up: if the partition was (re)assigned or a write failed, read raw from the store's offset to the end;
-  2. decide with agents.ingest.dedup (pure), dead-lettering bytes that don't decode;
+  2. decide with agents.ingest.dedup (pure), dead-lettering any record that can't be taken (it doesn't decode, has
+     no value, isn't a RawEvent as the ingest writes it, or was received more than MAX_AHEAD_MS ahead of this
+     worker's clock, which would drag the partition's stream time into the future and forget every sighting);
   3. write outputs and dead letters and wait until Kafka acknowledged all of them;
   4. remember the sightings with the raw offset they reach; Faust commits the input offsets after that.
 A SIGKILL anywhere re-reads some inputs after restart; step 1 has already put their outputs in the store, so
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass
@@ -25,19 +28,21 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from agents.errors import DeliveryFailed, UndecodableError
+from agents import checks
+from agents.errors import DeliveryFailed, InvalidRecord, UndecodableError
 from agents.events import RawEvent
-from agents.ingest.dedup import first_sightings
+from agents.ingest.dedup import Sightings, first_sightings
 from topology.codecs import AvroCodec
-from topology.dead_letters import dead_letter
+from topology.dead_letters import DeadLetters
 from topology.partition_reader import catch_up_consumer, read_chunks
 from topology.producer import AsyncProducer, Record
 from topology.seen_store import SeenStore
+from topology.stalls import PartitionHealth, until_done
 
 log = logging.getLogger(__name__)
 CATCH_UP_GRACE_MS = 3_600_000  # a store rebuilt from scratch reads this much more than a window of raw
 CATCH_UP_CHUNK = 50_000  # sightings per RocksDB write while catching up
-MAX_BACKOFF_S = 5.0
+MAX_AHEAD_MS = 3_600_000  # a receivedAt further ahead of our clock is refused (so are Kafka timestamps, by default)
 
 
 @dataclass
@@ -68,14 +73,15 @@ class DedupStage:
         batch_size: int = 2_000,
         batch_within: float = 0.05,
     ) -> None:
-        self.accepted_topic, self.raw_topic, self.dead_letter_topic = accepted_topic, raw_topic, dead_letter_topic
-        self.codec, self.dead_letter_codec = codec, dead_letter_codec
+        self.accepted_topic, self.raw_topic = accepted_topic, raw_topic
+        self.codec, self.dead_letters = codec, DeadLetters("dedup", dead_letter_topic, dead_letter_codec)
         self.window_ms = window_ms
         self.store_dir = store_dir
         self.bootstrap = bootstrap
         self._producer = producer
         self.batch_size, self.batch_within = batch_size, batch_within
         self.counters = DedupCounters()
+        self.health = PartitionHealth("dedup")
         self._stores: dict[int, SeenStore] = {}
         self._stale: set[int] = set()
 
@@ -97,6 +103,7 @@ class DedupStage:
             if store is not None:
                 store.close()
         self._stale |= partitions
+        self.health.forget(partitions)
 
     async def run(self, stream: AsyncIterable[Any]) -> None:
         """The Faust agent body: batches of events, each partition's share in offset order."""
@@ -109,18 +116,8 @@ class DedupStage:
 
     async def _process_until_written(self, partition: int, events: Sequence[Any]) -> None:
         """Retry a batch until Kafka takes it: giving up would let Faust commit inputs whose outputs were lost."""
-        backoff = 0.1
-        while True:
-            try:
-                await self._process(partition, events)
-                return
-            except DeliveryFailed as exc:
-                log.warning("dedup: partition %d: %s; retrying in %.1fs", partition, exc, backoff)
-            except Exception:  # a bug must stall the partition visibly, not let Faust ack the batch away
-                log.exception("dedup: partition %d: batch failed; retrying in %.1fs", partition, backoff)
-            self._stale.add(partition)  # some outputs may have landed: find them before deciding again
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
+        await until_done(self.health, partition, lambda: self._process(partition, events),
+                         on_retry=lambda: self._stale.add(partition))  # fmt: skip  (outputs may have landed: find them)
 
     async def _process(self, partition: int, events: Sequence[Any]) -> None:
         store = await self._ready_store(partition)
@@ -128,22 +125,7 @@ class DedupStage:
         events = [event for event in events if event.message.offset >= applied]  # re-read after a crash: done
         if not events:
             return
-        decoded: list[tuple[RawEvent, bytes]] = []
-        records: list[Record] = []
-        for event in events:
-            message = event.message
-            try:
-                decoded.append((self.codec.decode(message.value), message.value))
-            except UndecodableError as exc:
-                letter = dead_letter(
-                    stage="dedup", error=exc, topic=message.topic, partition=partition,
-                    offset=message.offset, key=message.key, value=message.value,
-                )  # fmt: skip
-                records.append(Record(self.dead_letter_topic, message.key, self.dead_letter_codec.encode(letter)))
-        out = first_sightings([raw for raw, _ in decoded], store, self.window_ms, store.stream_time)
-        for index, stream_time in out.passed:
-            raw, value = decoded[index]  # forward the accepted bytes as they are: no re-encoding
-            records.append(Record(self.raw_topic, raw["message_id"].encode(), value, partition, stream_time))
+        records, out, decoded = self.decide(partition, store, events, time.time() * 1000)
         written = await self._producer().write_all(records)
         raw_offsets = [w.offset for w in written if w.topic == self.raw_topic]
         if raw_offsets and min(raw_offsets) != store.next_offset:
@@ -154,8 +136,37 @@ class DedupStage:
         store.remember(out.remember, next_offset, out.stream_time, events[-1].message.offset + 1)
         store.forget_before(out.stream_time - self.window_ms)
         self.counters.passed += len(out.passed)
-        self.counters.duplicates += len(decoded) - len(out.passed)
+        self.counters.duplicates += decoded - len(out.passed)
         self.counters.dead_lettered += len(records) - len(out.passed)
+
+    def decide(self, partition: int, store: SeenStore, events: Sequence[Any], now_ms: float) -> tuple[list[Record], Sightings, int]:
+        """(records to write: first sightings and dead letters, the dedup decision, how many records decoded) for a
+        batch, before anything is written. Whatever one record raises costs that record, never the partition."""
+        decoded: list[tuple[RawEvent, bytes]] = []
+        records: list[Record] = []
+        for event in events:
+            message = event.message
+            try:
+                decoded.append((self.decode(message.value, now_ms + MAX_AHEAD_MS), message.value))
+            except Exception as exc:
+                records.append(self.dead_letters.record(exc, topic=message.topic, partition=partition, offset=message.offset,
+                                                        key=message.key, value=message.value))  # fmt: skip
+        out = first_sightings([raw for raw, _ in decoded], store, self.window_ms, store.stream_time)
+        for index, stream_time in out.passed:
+            raw, value = decoded[index]  # forward the accepted bytes as they are: no re-encoding
+            records.append(Record(self.raw_topic, raw["message_id"].encode(), value, partition, stream_time))
+        return records, out, len(decoded)
+
+    def decode(self, value: bytes | None, latest_ms: float) -> RawEvent:
+        """The stage's decode step: a RawEvent as the ingest writes it, received no later than `latest_ms`."""
+        if value is None:
+            raise UndecodableError("empty record (no value)")
+        raw = self.codec.decode(value)
+        checks.raw_event(raw)
+        if raw["received_at"] > latest_ms:
+            raise InvalidRecord(f"received_at {raw['received_at']} is more than {MAX_AHEAD_MS // 60_000} minutes ahead "
+                                f"of this worker's clock ({int(latest_ms) - MAX_AHEAD_MS})")  # fmt: skip
+        return raw  # type: ignore[return-value]
 
     def _open_store(self, partition: int) -> SeenStore:
         store = self._stores.get(partition)

@@ -5,6 +5,11 @@ to cdp.definitions with the next version of its `kind:key`, and every worker's f
 topic's single partition from its start, in a thread — picks it up within a poll: no restart. A record whose
 version is not above the one held is ignored, so a replayed or raced write can't move a definition back.
 The POST answers only once this worker's feed holds the new version (read-your-writes).
+
+The topic is compacted and re-read from its start at every start, so a bad record there would be met again and
+again: one that does not decode, or whose definition is invalid on its own (not a definition, another key than
+its record's, over a limit), is skipped, logged and counted (`skipped`, on /metrics) — never dead-lettered, never
+allowed to stop the feed. One that is valid but refers to a definition not read yet is parked until it is.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from agents.compute.catalog import Catalog, build_catalog
+from agents.compute.catalog import Catalog, build_catalog, parse_audience
+from agents.compute.definitions import parse_trait
 from agents.compute.generations import Live
 from agents.errors import CdpError, ConfigError, DeliveryFailed
 from topology.codecs import AvroCodec
@@ -59,8 +65,10 @@ class DefinitionsFeed:
         self._thread: threading.Thread | None = None
         self.caught_up = threading.Event()
         self._position = 0  # the next offset of the topic this feed will read
+        self._end = 0  # the topic's end offset, as last seen
         self._parked: dict[tuple[str, str], dict[str, Any]] = {}
         self._publishing = asyncio.Lock()
+        self.skipped = 0  # records of the topic that were not definitions (see the module docstring)
 
     # -- reading -----------------------------------------------------------------------------------------------
 
@@ -95,6 +103,7 @@ class DefinitionsFeed:
                             self._take(message.value())
                             self._reached(message.offset() + 1)
                         elif error.code() == KafkaError._PARTITION_EOF:
+                            self._end = max(self._end, message.offset())
                             self._reached(message.offset())
                             self.caught_up.set()
                         else:
@@ -113,6 +122,21 @@ class DefinitionsFeed:
                 self.live = replace(self.live, position=self._position)
             self._changed.notify_all()
 
+    def exists(self, position: int, timeout_s: float = 5.0) -> bool:
+        """Whether `position` is at most the topic's end: a command may say its sender read definitions up to there.
+        One that says more (no worker ever read so far) could never be waited for; can't tell: assume it exists."""
+        if position <= self._end:
+            return True
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{self.topic}.feed"})
+        try:
+            _, end = consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=timeout_s)
+        except Exception:  # Kafka away: wait rather than refuse
+            return True
+        finally:
+            consumer.close()
+        self._end = max(self._end, end)
+        return position <= end
+
     def _sync(self, timeout_s: float) -> None:
         """Wait until this feed has read everything written to the topic so far: a POST on any worker then sees
         every definition an earlier POST (on any worker) got a 201 for."""
@@ -126,12 +150,16 @@ class DefinitionsFeed:
                 raise DeliveryFailed(f"this worker has not read {self.topic} up to offset {end} within {timeout_s:.0f}s")
 
     def _take(self, value: bytes | None) -> None:
+        """Hold (or park) the definition in one record of the topic; never raises (see the module docstring)."""
         if value is None:
             return  # a Kafka tombstone after a deletion record: the deletion was taken already
         try:
             record = self.codec.decode(value)
+            if not record["deleted"]:
+                _check_alone(record)
         except Exception as exc:
-            log.warning("definitions: a record of %s does not decode (%s); skipped", self.topic, exc)
+            self.skipped += 1
+            log.warning("definitions: a record of %s is not a definition; skipped: %s", self.topic, exc)
             return
         ident = (record["kind"], record["key"])
         if record["version"] < (self.version(*ident) or 0) and ident in self._held:
@@ -156,6 +184,11 @@ class DefinitionsFeed:
                 except ConfigError as exc:
                     log.info("definitions: %s %s v%d waits for what it refers to (%s)", *ident, record["version"], exc)
                     continue
+                except Exception as exc:  # checked alone it was fine; nothing may stop the feed: drop it
+                    del self._parked[ident]
+                    self.skipped += 1
+                    log.warning("definitions: %s %s v%d can't be taken; skipped: %r", *ident, record["version"], exc)
+                    continue
                 del self._parked[ident]
                 progress = True
                 with self._changed:
@@ -164,6 +197,7 @@ class DefinitionsFeed:
 
     @staticmethod
     def _build(held: Mapping[tuple[str, str], Held]) -> Live:
+        """The definitions as the stages run them (destinations are the sync stage's, not built yet)."""
         ordered = sorted(held.values(), key=lambda h: (h.updated_at or 0, h.key))
         catalog = build_catalog([h.body for h in ordered if h.kind == "trait"], [h.body for h in ordered if h.kind == "audience"])
         return Live.of(catalog, {ident: h.version for ident, h in held.items()})
@@ -198,3 +232,13 @@ class DefinitionsFeed:
                 raise Conflict(f"{kind} {key!r} was changed by another request at the same time; GET it and retry")
             return held
 
+
+
+def _check_alone(record: Mapping[str, Any]) -> None:
+    """ConfigError if a record's definition is wrong by itself (whatever else is defined): it can never be taken."""
+    body = record["body"]
+    if record["kind"] == "destination":
+        return
+    definition = parse_trait(body) if record["kind"] == "trait" else parse_audience(body)
+    if definition.key != record["key"]:
+        raise ConfigError(f"the record's key {record['key']!r} is not its definition's key {definition.key!r}")

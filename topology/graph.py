@@ -14,28 +14,29 @@ wired; the other topics of the product are declared in topology/topics.py and cr
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faust
-from faust.web import View
 
-from agents.errors import CdpError, ConfigError
 from agents.identity.protocol import IdentityProtocol
+from topology import worker_web
 from topology.codecs import AvroCodec, SchemaRepository
 from topology.compute_stage import TICK_S, ComputeCodecs, ComputeStage, ComputeTopics
-from topology.compute_views import INTERNAL, PAGE_DEFAULT, ComputeViews
+from topology.compute_views import ComputeViews
 from topology.config import Settings
 from topology.dedup_stage import DedupStage
-from topology.definitions_feed import KINDS, Conflict, DefinitionsFeed
+from topology.definitions_feed import DefinitionsFeed
 from topology.http import IngestServer
+from topology.http_common import json_errors
 from topology.identity_stage import IdentityCodecs, IdentityStage, IdentityTopics
 from topology.identity_views import IdentityViews
-from topology.metrics import Metric, process_cpu, render
+from topology.metrics import Metric, process_cpu
 from topology.producer import AsyncProducer, producer_config
-from topology.routing import HOPS_HEADER, Router
+from topology.routing import Router
+from topology.shutdown import watch_shutdown
+from topology.stalls import PartitionHealth, blocked_metrics
 from topology.topics import (
     ALL_TOPICS, AUDIENCE_MEMBERSHIP, COMPUTE_COMMANDS, COMPUTE_STATE, DEFINITIONS, EVENTS_ACCEPTED, EVENTS_DEAD_LETTER,
     EVENTS_RAW, EVENTS_RESOLVED, IDENTITY_COMMANDS, IDENTITY_MERGES, IDENTITY_STATE, PROFILE_CHANGES, TopicSpec,
@@ -138,8 +139,13 @@ def create_app(settings: Settings) -> faust.App:
         broker_commit_interval=1.0,
         broker_session_timeout=15.0,  # a dead worker's partitions move after 15 s, not Faust's 60 s
         web_port=settings.web_port,
+        web_bind=settings.web_bind,  # views show personal data: loopback unless CDP_WEB_BIND says otherwise
         canonical_url=f"http://{settings.web_host}:{settings.web_port}",  # what other workers call for views
+        web_application_options={"middlewares": [json_errors]},  # every error answer JSON, none a traceback
         web_tables_enabled=False,
+        web_router_enabled=False,  # Faust's /router pages route JSON-encoded keys (faust #514); ours route raw ones
+        web_graph_enabled=False,
+        web_stats_enabled=False,
         topic_allow_declare=False,  # topics come from `cdp topics`, with our partition counts
         topic_disable_leader=True,  # no leader-only timers yet: no __assignor-__leader topic
     )
@@ -203,100 +209,7 @@ def build(settings: Settings) -> Graph:
     async def _slide_windows() -> None:
         await compute.tick()  # never raises: an exception escaping a timer would kill the worker
 
-    def hops(request: Any) -> int:
-        return int(request.headers.get(HOPS_HEADER, "0") or 0)
-
-    @app.page("/v1/identifiers/{type}/{value}")
-    async def _identifier(web: Any, request: Any, type: str, value: str) -> Any:
-        status, body = await views.identifier(type, value, hops(request))
-        return web.json(body, status=status)
-
-    @app.page("/v1/profiles/{profile_id}")
-    async def _profile(web: Any, request: Any, profile_id: str) -> Any:
-        status, body = await views.profile(profile_id, hops(request), merges=False)
-        return web.json(body, status=status)
-
-    @app.page("/v1/profiles/{profile_id}/merges")
-    async def _profile_merges(web: Any, request: Any, profile_id: str) -> Any:
-        status, body = await views.profile(profile_id, hops(request), merges=True)
-        return web.json(body, status=status)
-
-    @app.page("/v1/audiences")
-    async def _audiences(web: Any, request: Any) -> Any:
-        status, body = await compute_views.audiences(hops(request))
-        return web.json(body, status=status)
-
-    @app.page("/v1/audiences/{key}/members")
-    async def _members(web: Any, request: Any, key: str) -> Any:
-        try:
-            limit = int(request.query.get("limit", PAGE_DEFAULT))
-        except ValueError:
-            return web.json({"error": f"limit must be a number, not {request.query.get('limit')!r}"}, status=400)
-        status, body = await compute_views.members(key, request.query.get("cursor"), limit, hops(request))
-        return web.json(body, status=status)
-
-    @app.page(INTERNAL + "/profiles/{profile_id}")
-    async def _compute_profile(web: Any, request: Any, profile_id: str) -> Any:
-        status, body = await compute_views.profile(profile_id, hops(request))
-        return web.json(body, status=status)
-
-    @app.page(INTERNAL + "/sizes/{partition}")
-    async def _sizes(web: Any, request: Any, partition: str) -> Any:
-        status, body = await compute_views.sizes_in(int(partition), hops(request))
-        return web.json(body, status=status)
-
-    @app.page("/v1/backfills")
-    async def _backfills(web: Any, request: Any) -> Any:
-        status, body = await compute_views.backfills(hops(request))
-        return web.json(body, status=status)
-
-    @app.page(INTERNAL + "/backfills/{partition}")
-    async def _backfills_in(web: Any, request: Any, partition: str) -> Any:
-        status, body = await compute_views.backfills_in(int(partition), hops(request))
-        return web.json(body, status=status)
-
-    @app.page(INTERNAL + "/members/{key}/{partition}")
-    async def _members_in(web: Any, request: Any, key: str, partition: str) -> Any:
-        after, limit = request.query.get("after", ""), int(request.query.get("limit", PAGE_DEFAULT))
-        status, body = await compute_views.members_in(key, int(partition), after, limit, hops(request))
-        return web.json(body, status=status)
-
-    @app.page("/v1/definitions/{kinds}")
-    class _Definitions(View):
-        async def get(self, request: Any, kinds: str) -> Any:
-            if kinds not in KINDS:
-                return self.json({"error": f"unknown definition kind {kinds!r}; one of {sorted(KINDS)}"}, status=404)
-            held = definitions.held(KINDS[kinds])
-            return self.json({kinds: [{"definition": h.body, "version": h.version, "updated_at": h.updated_at,
-                                       "origin": "config" if h.updated_at is None else "api"} for h in held]})  # fmt: skip
-
-        async def post(self, request: Any, kinds: str) -> Any:
-            if kinds not in KINDS:
-                return self.json({"error": f"unknown definition kind {kinds!r}; one of {sorted(KINDS)}"}, status=404)
-            if not settings.admin_token:
-                return self.json({"error": "the definitions API is off: set CDP_ADMIN_TOKEN"}, status=403)
-            if not hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {settings.admin_token}"):
-                return self.json({"error": "admin token missing or wrong (Authorization: Bearer <CDP_ADMIN_TOKEN>)"}, status=401)
-            try:
-                body = await request.json()
-            except ValueError as exc:
-                return self.json({"error": f"the body is not JSON: {exc}"}, status=400)
-            try:
-                held = await definitions.publish(KINDS[kinds], body, producer())
-            except ConfigError as exc:
-                return self.json({"error": str(exc)}, status=400)
-            except Conflict as exc:
-                return self.json({"error": str(exc)}, status=409)
-            except CdpError as exc:
-                return self.json({"error": str(exc)}, status=503)
-            return self.json({"definition": held.body, "version": held.version, "updated_at": held.updated_at}, status=201)
-
-    @app.page("/health")
-    async def _health(web: Any, request: Any) -> Any:
-        return web.json({"status": "ok", "stages": [stage.name for stage in STAGES if "worker" in stage.runs_in]})
-
-    @app.page("/metrics")
-    async def _metrics(web: Any, request: Any) -> Any:
+    def metrics() -> list[Metric]:
         counters = dedup.counters
         events = Metric("cdp_dedup_events_total", "counter", "dedup stage decisions")
         events.add(counters.passed, outcome="passed").add(counters.duplicates, outcome="duplicate")
@@ -321,7 +234,19 @@ def build(settings: Settings) -> Graph:
         comp = Metric("cdp_compute_total", "counter", "compute stage work, by what was done")
         for name, count in vars(compute.counters).items():
             comp.add(count, what=name)
-        return web.text(render([events, lag, caught_up.add(counters.caught_up), ident, comp, process_cpu()]))
+        skipped = Metric("cdp_definitions_skipped_total", "counter", "records of the definitions topic that were not definitions")
+        return [events, lag, caught_up.add(counters.caught_up), ident, comp, skipped.add(definitions.skipped),
+                *blocked_metrics([dedup.health, identity.health, compute.health]), process_cpu()]  # fmt: skip
+
+    worker_web.register(
+        app, settings=settings, views=views, compute_views=compute_views, definitions=definitions, producer=producer,
+        partitions=EVENTS_RESOLVED.partition_count(settings), metrics=metrics,
+        stages=[stage.name for stage in STAGES if "worker" in stage.runs_in],
+    )  # fmt: skip
+
+    @app.task
+    async def _stop_in_time() -> None:
+        watch_shutdown(lambda: bool(app.should_stop), lambda: _blocked_summary([dedup.health, identity.health, compute.health]))
 
     return Graph(app=app, dedup=dedup, identity=identity, compute=compute, definitions=definitions)
 
@@ -373,6 +298,7 @@ def _compute_stage(app: faust.App, settings: Settings, codecs: Codecs, producer:
         ),  # fmt: skip
         live=lambda: definitions.live,
         live_ready=definitions.caught_up.is_set,
+        definitions_exist=definitions.exists,
         partitions=EVENTS_RESOLVED.partition_count(settings),
         store_dir=worker_data_dir(settings) / "compute",
         bootstrap=settings.kafka_bootstrap,
@@ -432,6 +358,11 @@ def describe(settings: Settings) -> str:
             f"partitions={spec.partition_count(settings)} {shape}{note}"
         )
     return "\n".join(lines)
+
+
+def _blocked_summary(healths: list[PartitionHealth]) -> str:
+    blocked = [f"{h.stage}[{p}] {b.state} ({b.reason})" for h in healths for p, b in sorted(h.blocked.items())]
+    return ", ".join(blocked) or "no partition stalled"
 
 
 def _named(source: TopicSpec | str, settings: Settings) -> str:

@@ -7,7 +7,8 @@ dedup stage, because every copy of a messageId must meet in one place whichever 
 
 Endpoints: POST /v1/{track,identify,page,screen,group,alias} (and analytics.js's short /v1/{t,i,p,s,g,a}),
 /v1/batch (/v1/b) and /v1/import; GET /v1/projects/{writeKey}/settings (analytics.js), /health and /metrics. Auth: HTTP Basic with the write key as user name,
-or `writeKey` in the body.
+or `writeKey` in the body. Every error is JSON naming the problem, bodies must arrive within a timeout (408), and
+no input answers 5xx but Kafka not acknowledging (503) — topology/http_common.py.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from agents.ingest.tracking import (
     to_raw_event,
 )
 from topology.codecs import AvroCodec
+from topology.http_common import BODY_TIMEOUT_S, HttpError, json_errors, read_body
 from topology.metrics import Metric, process_cpu, render
 from topology.producer import AsyncProducer, Record
 
@@ -62,7 +64,10 @@ class Rejected(Exception):
         headers = dict(CORS_HEADERS)
         if self.retry_after is not None:
             headers["Retry-After"] = str(self.retry_after)
-        return web.Response(status=self.status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+        response = web.Response(status=self.status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+        if self.status == 408:
+            response.force_close()  # the rest of the body is not waited for
+        return response
 
 
 class IngestServer:
@@ -78,6 +83,7 @@ class IngestServer:
         max_in_flight: int,
         retry_after_s: int,
         request_timeout_s: float,
+        body_timeout_s: float = BODY_TIMEOUT_S,
     ) -> None:
         self.sources = dict(sources)
         self.topic = topic
@@ -86,12 +92,13 @@ class IngestServer:
         self.max_in_flight = max_in_flight
         self.retry_after_s = retry_after_s
         self.request_timeout_s = request_timeout_s
+        self.body_timeout_s = body_timeout_s
         self.in_flight = 0
         self.responses: Counter[int] = Counter()
         self.events_accepted = 0
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=2 * MAX_BATCH_BYTES)
+        app = web.Application(client_max_size=2 * MAX_BATCH_BYTES, middlewares=[json_errors])
         app.router.add_post("/v1/{call}", self.handle)
         app.router.add_route("OPTIONS", "/v1/{call}", self.preflight)
         app.router.add_get("/v1/projects/{write_key}/settings", self.browser_settings)
@@ -109,7 +116,7 @@ class IngestServer:
         """
         key = request.match_info["write_key"]
         if key not in self.sources:
-            raise web.HTTPNotFound(text="unknown write key")
+            raise HttpError(404, "unknown write key")
         host = f"{request.host}/v1"
         body = {"integrations": {"Segment.io": {"apiKey": key, "apiHost": host, "protocol": request.scheme}}, "plan": {}}
         return web.json_response(body, headers={"Access-Control-Allow-Origin": "*"})
@@ -168,14 +175,10 @@ class IngestServer:
 
     async def _read_json(self, request: web.Request, limit: int) -> Any:
         """The parsed body; aiohttp inflates gzip bodies itself and stops reading at `client_max_size`."""
-        if request.content_length is not None and request.content_length > limit:
-            raise Rejected(400, f"request body is {request.content_length} bytes; the limit is {limit} bytes")
         try:
-            data = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise Rejected(400, f"request body is over the limit of {limit} bytes") from None
-        if len(data) > limit:
-            raise Rejected(400, f"request body is {len(data)} bytes; the limit is {limit} bytes")
+            data = await read_body(request, limit, self.body_timeout_s)
+        except HttpError as exc:
+            raise Rejected(exc.status, exc.body["error"]) from None
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError as exc:
@@ -205,6 +208,6 @@ def _basic_user(header: str) -> str | None:
         return None
     try:
         decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):  # not base64 (ValueError: non-ASCII text), not UTF-8
         return None
     return decoded.split(":", 1)[0] or None

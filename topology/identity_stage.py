@@ -10,17 +10,26 @@ is never resolved twice to different profiles: its decision is in the changelog 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agents.errors import InvalidMessage, UndecodableError
+from agents import checks
+from agents.errors import UndecodableError
+from agents.events import RawEvent
 from agents.identity.protocol import IdentityProtocol, Outputs, Resolved, event_command
 from topology.codecs import AvroCodec
-from topology.partitioned_stage import BATCH, Output, PartitionedStage, StageIO, command_records, partition_for
+from topology.dead_letters import DeadLetters
+from topology.partitioned_stage import (
+    Failure, Output, PartitionedStage, StageIO, command_bytes, command_records, commands_of, partition_for,
+)  # fmt: skip
 from topology.producer import AsyncProducer, Record
 from topology.state_store import Transaction
+
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class IdentityTopics:
@@ -53,6 +62,8 @@ class IdentityCounters:
     refused: int = 0
     demoted: int = 0
     dead_lettered: int = 0
+    failed: int = 0  # commands that failed and were settled (and dead-lettered)
+    unsettled: int = 0  # ... whose settling failed too (logged as errors)
     caught_up: int = 0
 
 
@@ -74,7 +85,7 @@ class IdentityStage(PartitionedStage):
     ) -> None:
         io = StageIO(
             name="identity", inputs={topics.raw: "raw", topics.commands: "commands"}, state_topic=topics.state,
-            state_codec=codecs.state, dead_letter_topic=topics.dead_letter, dead_letter_codec=codecs.dead_letter,
+            state_codec=codecs.state, dead_letters=DeadLetters("identity", topics.dead_letter, codecs.dead_letter),
         )  # fmt: skip
         super().__init__(io=io, partitions=partitions, store_dir=store_dir, bootstrap=bootstrap, producer=producer,
                          batch_size=batch_size, batch_within=batch_within)  # fmt: skip
@@ -87,32 +98,41 @@ class IdentityStage(PartitionedStage):
         return self._counters
 
     def apply(self, mark: str, message: Any, tx: Transaction, out: Output) -> None:
-        """One input through the protocol; each command in it all or nothing (a failing one leaves no half-made
-        change). A record of cdp.identity.commands holds one command or a `batch` of several for one partition."""
-        value = message.value
+        """One input through the protocol. An event that can't be resolved raises (the stage dead-letters it); a
+        record of cdp.identity.commands holds one command or a `batch` of several for one partition, each applied
+        on its own: one that fails is settled by the protocol and dead-lettered alone (docs/identity.md)."""
+        outputs = Outputs()
         if mark == "raw":
             self._counters.events += 1
+            self.protocol.handle(event_command(self.decode_event(message.value)), tx, outputs)
         else:
-            self._counters.commands += 1
+            for command in self.decode_commands(message.value):
+                self._counters.commands += 1
+                self.protocol.apply(command, tx, outputs)
+        for command, error in outputs.failed:
+            out.failed.append(Failure(error, message.key, command_bytes(self.codecs.command, command)))
+        for command, error in outputs.unsettled:
+            log.error("identity: a failed %s command could not be settled either (%r); its saga may wait: %.300s",
+                      command.get("kind") if isinstance(command, dict) else command, error, command)  # fmt: skip
+        self._counters.failed += len(outputs.failed)
+        self._counters.unsettled += len(outputs.unsettled)
+        out.outbox.extend(["c", key, command] for key, command in outputs.commands)
+        out.outbox.extend(["r", r.profile_id, r.identifiers, r.event] for r in outputs.resolved)
+        out.outbox.extend(["l", entry] for entry in outputs.log)
+
+    def decode_event(self, value: bytes | None) -> RawEvent:
+        """The stage's decode step for cdp.events.raw: a RawEvent as the ingest writes it, or a BadEventError."""
         if value is None:
             raise UndecodableError("empty record (no value)")
-        if mark == "raw":
-            commands = [event_command(self.codecs.raw.decode(value))]  # type: ignore[arg-type]
-        else:
-            body = self.codecs.command.decode(value)["body"]
-            commands = body["commands"] if body.get("kind") == BATCH else [body]
-        for command in commands:
-            attempt, attempt_out = Transaction(tx), Outputs()  # type: ignore[arg-type]
-            try:
-                self.protocol.handle(command, attempt, attempt_out)
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                if mark == "raw":  # an event the protocol can't take (e.g. a field of the wrong type): dead-letter it
-                    raise InvalidMessage(f"the identity stage can't resolve this event: {exc!r}") from exc
-                raise  # a command between owners is ours: a bug must stall the partition, not lose a saga
-            tx.changes.update(attempt.changes)
-            out.outbox.extend(["c", key, command] for key, command in attempt_out.commands)
-            out.outbox.extend(["r", r.profile_id, r.identifiers, r.event] for r in attempt_out.resolved)
-            out.outbox.extend(["l", entry] for entry in attempt_out.log)
+        event = self.codecs.raw.decode(value)
+        checks.raw_event(event)
+        return event  # type: ignore[return-value]
+
+    def decode_commands(self, value: bytes | None) -> list[Any]:
+        """The stage's decode step for cdp.identity.commands: the record's commands (each checked when applied)."""
+        if value is None:
+            raise UndecodableError("empty record (no value)")
+        return commands_of(self.codecs.command.decode(value)["body"])
 
     def outbox_records(self, items: Sequence[Any]) -> list[Record]:
         records: list[Record] = []

@@ -28,5 +28,5 @@ def serve(settings: Settings) -> None:
         await asyncio.to_thread(producer.close, 30.0)
 
     app.on_cleanup.append(close_producer)
-    logging.getLogger(__name__).info("ingest listening on :%d", settings.ingest_port)
-    web.run_app(app, port=settings.ingest_port, reuse_port=True, access_log=None, print=None)
+    logging.getLogger(__name__).info("ingest listening on %s:%d", settings.ingest_bind, settings.ingest_port)
+    web.run_app(app, host=settings.ingest_bind, port=settings.ingest_port, reuse_port=True, access_log=None, print=None)

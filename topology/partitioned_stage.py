@@ -6,7 +6,11 @@ store N. Per batch and partition:
   1. catch up the store from its changelog partition (read_committed) when the partition is (re)assigned — at
      once, not at its next input — and re-send an outbox a crash left behind;
   2. apply every input not applied yet (an input watermark per topic lives in the state, `w|<mark>`) through the
-     subclass's `apply`, dead-lettering what does not decode;
+     subclass's `apply`, each all or nothing: whatever one record raises (it does not decode, it breaks what its
+     topic promises, its key belongs to another partition, it would make a state record larger than Kafka takes,
+     or it hits a bug) dead-letters that
+     record and the batch goes on — only Kafka failures and deliberate waits (agents/errors.py) retry the batch
+     (topology/stalls.py), so no record can stall its partition;
   3. write the changes, the outputs meant for other partitions *as outbox records*, and the outputs meant for
      the outside (`Output.atomic`) in one Kafka transaction (the partition's transactional id fences a previous
      owner), then apply the changes locally;
@@ -32,11 +36,13 @@ import orjson
 from aiokafka.partitioner import murmur2
 from confluent_kafka import KafkaException, TopicPartition
 
-from agents.errors import DeliveryFailed, InvalidMessage, UndecodableError
+from agents.errors import DeliveryFailed, InvalidRecord, Waiting
+from agents.state import Overlay
 from topology.codecs import AvroCodec
-from topology.dead_letters import dead_letter
+from topology.dead_letters import DeadLetters
 from topology.partition_reader import catch_up_consumer, read_chunks
 from topology.producer import AsyncProducer, Record
+from topology.stalls import PartitionHealth, until_done
 from topology.state_store import StateStore, Transaction
 from topology.transactional import TransactionalWriter
 
@@ -46,7 +52,8 @@ OUTBOX = "o|"  # outbox records: o|0, o|1, ... each at most OUTBOX_CHUNK_BYTES o
 OUTBOX_CHUNK_BYTES = 256_000  # records stay far below Kafka's 1 MB default message size
 CATCH_UP_CHUNK = 20_000
 STALE_AFTER_MS = 20 * 3_600_000  # under the changelog's delete.retention.ms (Kafka's default: 24 h)
-MAX_BACKOFF_S = 5.0
+MAX_RECORD_BYTES = 900_000  # a state record, outbox item or output must fit Kafka's default 1 MB message size
+RETRIED = (Waiting, DeliveryFailed, KafkaException)  # what retries a batch; anything else costs one record
 
 
 @functools.lru_cache(maxsize=262_144)
@@ -55,6 +62,12 @@ def partition_for(key: str, partitions: int) -> int:
 
     Cached: aiokafka's murmur2 is pure Python (≈ 9 % of the identity stage's CPU before), and keys repeat."""
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+@functools.lru_cache(maxsize=262_144)
+def key_partition(key: bytes, partitions: int) -> int:
+    """`partition_for` of a key as it came off the wire."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def command_records(keyed: Sequence[tuple[str, dict[str, Any]]], topic: str, codec: AvroCodec, partitions: int) -> list[Record]:
@@ -70,13 +83,68 @@ def command_records(keyed: Sequence[tuple[str, dict[str, Any]]], topic: str, cod
     return records
 
 
+def commands_of(body: Any) -> list[Any]:
+    """The commands a decoded command record carries: itself, or those of a `batch` (each checked when applied)."""
+    if body.get("kind") != BATCH:
+        return [body]
+    if not isinstance(body.get("commands"), list):
+        raise InvalidRecord(f"a batch command needs a list of commands, not {body.get('commands')!r:.60}")
+    return body["commands"]
+
+
+def command_bytes(codec: AvroCodec, command: Any) -> bytes | None:
+    """One command as a record of its own (for the dead letter of one command of a batch); None if not even JSON."""
+    kind = command.get("kind") if isinstance(command, dict) else None
+    try:
+        return codec.encode({"kind": kind if isinstance(kind, str) else "", "body": command})
+    except Exception:  # the dead letter's reason still says what failed
+        return None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A part of an input record that failed and was settled by the stage's logic (e.g. one command of a `batch`
+    record): dead-lettered with its own bytes, the rest of the record goes on."""
+
+    error: BaseException
+    key: bytes | None
+    value: bytes | None
+
+
 @dataclass
 class Output:
-    """What one batch sends: `outbox` items (JSON, turned into records by the stage once the changelog holds them)
-    and `atomic` records, written inside the changelog's transaction (exactly once for read_committed readers)."""
+    """What one batch sends: `outbox` items (JSON, turned into records by the stage once the changelog holds them),
+    `atomic` records, written inside the changelog's transaction (exactly once for read_committed readers), and
+    `failed` parts of inputs to dead-letter."""
 
     outbox: list[Any] = field(default_factory=list)
     atomic: list[Record] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
+    sealed: list[tuple[Any, bytes]] = field(default_factory=list)  # outbox items with their JSON, size-checked
+
+    def seal(self) -> None:
+        """Encode the outbox items not encoded yet, refusing one Kafka could not carry (InvalidRecord)."""
+        for item in self.outbox:
+            encoded = orjson.dumps(item)
+            if len(encoded) > MAX_RECORD_BYTES:
+                raise InvalidRecord(f"an output would be {len(encoded)} bytes; Kafka records hold at most {MAX_RECORD_BYTES}")
+            self.sealed.append((item, encoded))
+        self.outbox.clear()
+
+    def take(self, other: Output) -> None:
+        other.seal()
+        self.sealed.extend(other.sealed)
+        self.atomic.extend(other.atomic)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one batch decided (PartitionedStage.decide): to be made durable and sent by the stage."""
+
+    tx: Transaction
+    out: Output
+    letters: list[Record]
+    applied: int  # input records applied (the rest were applied before a crash)
 
 
 @dataclass(frozen=True)
@@ -87,8 +155,7 @@ class StageIO:
     inputs: Mapping[str, str]  # input topic -> its watermark mark
     state_topic: str
     state_codec: AvroCodec  # a record {"record": json}
-    dead_letter_topic: str
-    dead_letter_codec: AvroCodec
+    dead_letters: DeadLetters
 
 
 class PartitionedStage:
@@ -111,6 +178,7 @@ class PartitionedStage:
         self.batch_size, self.batch_within = batch_size, batch_within
         self.dead_lettered = 0
         self.caught_up = 0
+        self.health = PartitionHealth(io.name)
         self._stores: dict[int, StateStore] = {}
         self._stale: set[int] = set()
         self._locks: dict[int, asyncio.Lock] = {}
@@ -120,7 +188,9 @@ class PartitionedStage:
     # -- what subclasses decide --------------------------------------------------------------------------------
 
     def apply(self, mark: str, message: Any, tx: Transaction, out: Output) -> None:
-        """Apply one input record (a Faust message). Raise UndecodableError / InvalidMessage to dead-letter it."""
+        """Apply one input record (a Faust message). Whatever it raises dead-letters the record (its changes are
+        dropped), except a RETRIED error, which retries the batch. A part that fails on its own (one command of
+        several) is settled by the subclass and reported in `out.failed`."""
         raise NotImplementedError
 
     def outbox_records(self, items: Sequence[Any]) -> list[Record]:
@@ -154,6 +224,7 @@ class PartitionedStage:
         compaction keeps tombstones (STALE_AFTER_MS), then it is rebuilt from scratch."""
         self._assigned -= partitions
         self._stale |= partitions
+        self.health.forget(partitions)
         for partition in partitions:
             async with self._lock(partition):
                 if partition in self._assigned:
@@ -170,18 +241,13 @@ class PartitionedStage:
 
     async def _warm(self, partition: int) -> None:
         """Catch up (and re-send a pending outbox) until it works or the partition is gone."""
-        backoff = 0.5
-        while True:
+
+        async def attempt() -> None:
             async with self._lock(partition):
-                if partition not in self._assigned:
-                    return
-                try:
+                if partition in self._assigned:
                     await self._ready_store(partition)
-                    return
-                except Exception as exc:  # a warm-up must never kill the worker; it retries on its own
-                    log.warning("%s: partition %d: catching up failed (%s); retrying in %.1fs", self.io.name, partition, exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+        await until_done(self.health, partition, attempt, still_wanted=lambda: partition in self._assigned)
 
     def readable_store(self, partition: int) -> StateStore | None:
         """The store of a partition this worker owns and has caught up, for the web views; else None."""
@@ -211,7 +277,8 @@ class PartitionedStage:
             await asyncio.gather(*(self._until_written(p, self._process, batch) for p, batch in by_partition.items()))
 
     async def run_in(self, partition: int, work: Callable[[Transaction, Output], None]) -> bool:
-        """Run `work` on a partition's state like a batch (for timers); False when the partition is not ours."""
+        """Run `work` on a partition's state like a batch (for timers); False when the partition is not ours.
+        `work` must not raise for a bad record (it has no input to dead-letter): guard each item it handles."""
         if partition not in self._assigned:
             return False
 
@@ -227,28 +294,30 @@ class PartitionedStage:
         return True
 
     async def _until_written(self, partition: int, process: Callable[[int, Any], Any], batch: Any) -> None:
-        """Retry until Kafka takes it: giving up would let Faust commit inputs whose effects were lost."""
-        backoff = 0.1
-        while True:
-            if partition not in self._assigned:
-                # Moved to another worker while we retried: its owner re-reads these inputs from the committed
-                # offset, and retrying here would only fight it for the changelog's transactional id.
-                log.warning("%s: partition %d was revoked; leaving its batch to the new owner", self.io.name, partition)
-                return
-            try:
-                async with self._lock(partition):
-                    await process(partition, batch)
-                return
-            except DeliveryFailed as exc:
-                log.warning("%s: partition %d: %s; retrying in %.1fs", self.io.name, partition, exc, backoff)
-            except Exception:  # a bug must stall the partition visibly, not let Faust ack the batch away
-                log.exception("%s: partition %d: batch failed; retrying in %.1fs", self.io.name, partition, backoff)
-            self._stale.add(partition)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
+        """Retry until Kafka takes it: giving up would let Faust commit inputs whose effects were lost. A partition
+        that moved to another worker meanwhile is left to its new owner, which re-reads these inputs from the
+        committed offset (retrying here would only fight it for the changelog's transactional id)."""
+
+        async def attempt() -> None:
+            async with self._lock(partition):
+                await process(partition, batch)
+
+        await until_done(self.health, partition, attempt, still_wanted=lambda: partition in self._assigned,
+                         on_retry=lambda: self._stale.add(partition))  # fmt: skip
 
     async def _process(self, partition: int, events: Sequence[Any]) -> None:
         store = await self._ready_store(partition)
+        decision = self.decide(partition, store, events)
+        if not decision.applied:
+            return
+        if decision.letters:  # at-least-once, before the changelog: a crash may write one twice, never lose one
+            await self._producer().write_all(decision.letters)
+            self.dead_lettered += len(decision.letters)
+        await self._finish(partition, store, decision.tx, decision.out)
+
+    def decide(self, partition: int, store: StateStore, events: Sequence[Any]) -> Decision:
+        """What a batch of a partition's input records decides, before anything is written: the state changes, the
+        outputs and the dead letters. Raises only what retries the batch (RETRIED)."""
         tx, out = Transaction(store), Output()
         self.prepare(partition, tx)
         letters: list[Record] = []
@@ -259,29 +328,38 @@ class PartitionedStage:
             watermark = tx.get(f"w|{mark}")
             if watermark is not None and message.offset < watermark["next"]:
                 continue  # applied before a crash: its effects are in the store already
-            try:
-                self.apply(mark, message, tx, out)
-            except (UndecodableError, InvalidMessage) as exc:
-                letter = dead_letter(stage=self.io.name, error=exc, topic=message.topic, partition=partition,
-                                     offset=message.offset, key=message.key, value=message.value)  # fmt: skip
-                letters.append(Record(self.io.dead_letter_topic, message.key, self.io.dead_letter_codec.encode(letter)))
+            letters.extend(self._apply_one(mark, message, partition, tx, out))
             tx.put(f"w|{mark}", {"next": message.offset + 1})
             applied += 1
-        if not applied:
-            return
-        if letters:  # at-least-once, before the changelog: a crash may write one twice, never lose one
-            await self._producer().write_all(letters)
-            self.dead_lettered += len(letters)
-        await self._finish(partition, store, tx, out)
+        return Decision(tx, out, letters, applied)
+
+    def _apply_one(self, mark: str, message: Any, partition: int, tx: Transaction, out: Output) -> list[Record]:
+        """One input record, all or nothing; the dead letters it leaves (itself, or the parts that failed)."""
+        attempt, attempt_out = Overlay(tx), Output()
+        where = {"topic": message.topic, "partition": partition, "offset": message.offset}
+        try:
+            if message.key is None or key_partition(message.key, self.partitions) != partition:
+                raise InvalidRecord(f"its key {message.key!r:.80} does not belong to partition {partition}: every input is "
+                                    "keyed by the owner of the state it changes, which lives at its key's partition")  # fmt: skip
+            self.apply(mark, message, attempt, attempt_out)
+            _check_sizes(attempt, attempt_out)
+        except RETRIED:
+            raise
+        except Exception as exc:  # anything else is this record's fault (or a bug it hits): it alone is given up
+            return [self.io.dead_letters.record(exc, key=message.key, value=message.value, **where)]
+        attempt.commit()
+        out.take(attempt_out)
+        return [self.io.dead_letters.record(f.error, key=f.key, value=f.value, **where) for f in attempt_out.failed]
 
     async def _finish(self, partition: int, store: StateStore, tx: Transaction, out: Output) -> None:
         for key in store.keys(OUTBOX):  # the previous batch's outbox was sent: replaced in this same transaction
             tx.delete(key)
-        chunks = _outbox_chunks(out.outbox)
+        out.seal()
+        chunks = _outbox_chunks(out.sealed)
         for index, chunk in enumerate(chunks):
-            tx.put(f"{OUTBOX}{index}", {"items": chunk})
+            tx.put_raw(f"{OUTBOX}{index}", b'{"items":[' + b",".join(encoded for _, encoded in chunk) + b"]}")
         await self._commit(partition, store, tx.changes, out.atomic)
-        await self._send_outbox(partition, store, chunks, delete=False)
+        await self._send_outbox(partition, store, [[item for item, _ in chunk] for chunk in chunks], delete=False)
 
     async def _commit(
         self, partition: int, store: StateStore, changes: dict[str, bytes | None], atomic: Sequence[Record] = ()
@@ -390,18 +468,31 @@ class PartitionedStage:
         self._writers.clear()
 
 
-def _outbox_chunks(items: Sequence[Any]) -> list[list[Any]]:
+def _check_sizes(tx: Overlay, out: Output) -> None:
+    """Refuse a record whose effects Kafka could never carry (it would stall the partition for good): a state record
+    or an output over MAX_RECORD_BYTES, e.g. a profile whose unique_list of 30 KB values keeps growing."""
+    for key, value in tx.changes.items():
+        if value is not None and len(value) > MAX_RECORD_BYTES:
+            raise InvalidRecord(f"applying it would make the state record {key[:80]!r} {len(value)} bytes; Kafka "
+                                f"records hold at most {MAX_RECORD_BYTES}")  # fmt: skip
+    for record in out.atomic:
+        if record.value is not None and len(record.value) > MAX_RECORD_BYTES:
+            raise InvalidRecord(f"an output to {record.topic} would be {len(record.value)} bytes; Kafka records hold at "
+                                f"most {MAX_RECORD_BYTES}")  # fmt: skip
+    out.seal()
+
+
+def _outbox_chunks(items: Sequence[tuple[Any, bytes]]) -> list[list[tuple[Any, bytes]]]:
     """The outbox items in lists of bounded JSON size, so they are in the changelog before anything is sent."""
-    chunks: list[list[Any]] = []
-    chunk: list[Any] = []
+    chunks: list[list[tuple[Any, bytes]]] = []
+    chunk: list[tuple[Any, bytes]] = []
     size = 0
-    for item in items:
-        item_size = len(orjson.dumps(item))
-        if size and size + item_size > OUTBOX_CHUNK_BYTES:
+    for item, encoded in items:
+        if size and size + len(encoded) > OUTBOX_CHUNK_BYTES:
             chunks.append(chunk)
             chunk, size = [], 0
-        chunk.append(item)
-        size += item_size
+        chunk.append((item, encoded))
+        size += len(encoded)
     if chunk:
         chunks.append(chunk)
     return chunks

@@ -7,8 +7,8 @@ first and applied locally only once Kafka acknowledged them, together with the c
 offset to its end, so the local store can never be ahead of what another worker would rebuild.
 
 Values are JSON (orjson) records of the stage's pure logic (agents/identity/protocol.py, agents/compute/engine.py);
-`Transaction` gives that logic its state for one batch: reads fall through to the store, writes collect as
-encoded changes.
+`Transaction` gives that logic its state for one batch (an agents.state.Overlay over the store): reads fall
+through to the store, writes collect as encoded changes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from rocksdict import WriteBatch
 
+from agents.state import Overlay
 from topology.rocks import open_db, recreate_db
 
 _OFFSET = struct.Struct(">Q")
@@ -86,21 +87,10 @@ class StateStore:
         self._db.close()
 
 
-class Transaction:
-    """A stage's state for one batch: reads see the batch's own writes, writes become `changes`."""
+class Transaction(Overlay):
+    """A stage's state for one batch: reads see the batch's own writes, writes become `changes` (JSON), made durable
+    by the stage at once. `store` is there for range reads (`keys`)."""
 
     def __init__(self, store: StateStore) -> None:
+        super().__init__(store)
         self.store = store
-        self.changes: dict[str, bytes | None] = {}
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        if key in self.changes:
-            value = self.changes[key]
-            return None if value is None else orjson.loads(value)
-        return self.store.get(key)
-
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        self.changes[key] = orjson.dumps(value)
-
-    def delete(self, key: str) -> None:
-        self.changes[key] = None

@@ -22,9 +22,10 @@ from typing import Any
 
 import orjson
 
-from agents.compute.definitions import OPERATORS, TraitDefinition, check_condition, check_key, leaves, parse_trait
+from agents.compute.definitions import (
+    OPERATORS, TraitDefinition, check_condition, check_key, check_limits, leaves, parse_trait, parse_window,
+)  # fmt: skip
 from agents.compute.traits import compare
-from agents.durations import parse_duration_ms
 from agents.errors import ConfigError
 from agents.paths import read_path
 
@@ -80,7 +81,8 @@ class Catalog:
 def parse_audience(raw: Any) -> AudienceDefinition:
     """An audience definition from its JSON/YAML form; raises ConfigError naming the audience and the problem."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"an audience definition is an object, not {raw!r}")
+        raise ConfigError(f"an audience definition is an object, not {raw!r:.100}")
+    check_limits(raw, "an audience definition")
     key = check_key(raw.get("key"), "audience")
     unknown = set(raw) - set(AUDIENCE_FIELDS)
     if unknown:
@@ -151,15 +153,7 @@ def _check_operator(op: Any, expected: Any, allowed: Sequence[str], where: str) 
 
 def _window_ms(leaf: Mapping[str, Any], where: str) -> int | None:
     within = leaf.get("within")
-    if within is None:
-        return None
-    try:
-        window_ms = parse_duration_ms(within)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: within: bad duration {within!r} (write it like 90s, 5m, 2h or 30d)") from None
-    if window_ms < 1_000:
-        raise ConfigError(f"{where}: within: must be at least 1s, not {within!r}")
-    return window_ms
+    return None if within is None else parse_window(within, f"{where}: within")
 
 
 def counter_key(leaf: Mapping[str, Any]) -> str:

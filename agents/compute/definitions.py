@@ -15,7 +15,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agents.durations import parse_duration_ms
+import orjson
+
+from agents.checks import json_depth
+from agents.durations import format_duration_ms, parse_duration_ms
 from agents.errors import ConfigError
 
 KINDS = ("count", "sum", "avg", "min", "max", "first", "last", "most_frequent", "unique_list", "unique_count")
@@ -24,6 +27,10 @@ OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "contains", "exists", "in")
 CALL_EVENTS = {"Page Viewed": "page", "Screen Viewed": "screen"}
 KEYS = {"key", "kind", "event", "property", "window", "where", "description"}
 KEY = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+MAX_DEFINITION_BYTES = 64 * 1024  # a definition's JSON; conditions of real audiences are a few hundred bytes
+MAX_DEFINITION_DEPTH = 64  # levels of objects and arrays, the definition itself included
+MAX_LIST_ITEMS = 1_000  # items in any list of a definition (an `in` list, an `all` of conditions)
+MAX_WINDOW_MS = 3_650 * 86_400_000  # ten years
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,8 @@ class TraitDefinition:
 def parse_trait(raw: Any) -> TraitDefinition:
     """A trait definition from its JSON/YAML form; raises ConfigError naming the first problem."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"a trait definition is an object, not {raw!r}")
+        raise ConfigError(f"a trait definition is an object, not {raw!r:.100}")
+    check_limits(raw, "a trait definition")
     key = check_key(raw.get("key"), "trait")
     where = f"trait {key!r}"
     unknown = set(raw) - KEYS
@@ -56,24 +64,54 @@ def parse_trait(raw: Any) -> TraitDefinition:
     event = raw.get("event")
     if event is not None and (not isinstance(event, str) or not event):
         raise ConfigError(f"{where}: event must be a non-empty string, not {event!r}")
-    window_ms = None
-    if raw.get("window") is not None:
-        try:
-            window_ms = parse_duration_ms(raw["window"])
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{where}: bad window: {exc}") from exc
-        if window_ms < 1_000:
-            raise ConfigError(f"{where}: a window must be at least 1s, not {raw['window']!r}")
+    window_ms = None if raw.get("window") is None else parse_window(raw["window"], f"{where}: bad window")
     condition = raw.get("where")
     if condition is not None:
         check_condition(condition, f"{where}: where")
     return TraitDefinition(key, kind, event, prop if kind != "count" else None, window_ms, condition)
 
 
+def check_limits(raw: Any, what: str) -> None:
+    """ConfigError naming the limit a definition is over: its size, its nesting or one of its lists. Checked before
+    anything walks it, so no definition can exhaust the stack or the memory of a worker."""
+    if json_depth(raw, MAX_DEFINITION_DEPTH) > MAX_DEFINITION_DEPTH:
+        raise ConfigError(f"{what} nests deeper than {MAX_DEFINITION_DEPTH} levels of objects and arrays; that is the limit")
+    pending = [raw]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            if len(node) > MAX_LIST_ITEMS:
+                raise ConfigError(f"{what} has a list of {len(node)} items; the limit is {MAX_LIST_ITEMS}")
+            pending.extend(node)
+        elif isinstance(node, Mapping):
+            pending.extend(node.values())
+    try:
+        size = len(orjson.dumps(raw))
+    except TypeError as exc:  # from YAML: a value JSON has no spelling for
+        raise ConfigError(f"{what} is not JSON: {exc}") from None
+    if size > MAX_DEFINITION_BYTES:
+        raise ConfigError(f"{what} is {size} bytes of JSON; the limit is {MAX_DEFINITION_BYTES}")
+
+
+def parse_window(value: Any, where: str) -> int:
+    """A window (`window`, `within`) in ms: a duration string from 1s to ten years."""
+    try:
+        if not isinstance(value, str):
+            raise ValueError("not a string")
+        window_ms = parse_duration_ms(value)
+    except ValueError:
+        raise ConfigError(f"{where}: bad duration {value!r:.40} (write it as a string like 90s, 5m, 2h or 30d)") from None
+    if window_ms < 1_000:
+        raise ConfigError(f"{where}: must be at least 1s, not {value!r}")
+    if window_ms > MAX_WINDOW_MS:
+        raise ConfigError(f"{where}: must be at most {format_duration_ms(MAX_WINDOW_MS)} (ten years), not {value!r:.40}")
+    return window_ms
+
+
 def check_key(key: Any, kind: str) -> str:
     """A definition key: what URLs, state keys (`a|<audience>|<id>`) and change records name it by."""
     if not isinstance(key, str) or not KEY.fullmatch(key):
-        raise ConfigError(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} definition needs a key of letters, digits and . _ - (at most 100), got {key!r}")
+        raise ConfigError(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} definition needs a key of letters, digits and . _ - (at most 100), got {key!r:.120}")
     return key
 
 

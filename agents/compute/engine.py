@@ -24,6 +24,14 @@ things arrive in. Values are re-computed only for traits whose state changed (an
 window slid (the due index); audiences are re-evaluated then, in dependency order, and every change leaves with
 the profile's next sequence number.
 
+A command that is malformed or fails (agents/compute/commands.py checks them) is dropped whole and reported in
+`Changes.failed` for the dead-letter topic. Compute's commands hold no lock and nobody waits for one, so there is
+nothing to release; what is missing is the command's effect, kept in its dead letter (re-send its value to
+cdp.compute.commands once the cause is fixed): after a failed `fold_out` the merged profile keeps its own state
+and counts its own events; a failed `fold_in` leaves the survivor without the merged profile's state; a failed
+forwarded event is not counted. Nothing is settled from a failed command's fields: they may be what was wrong.
+Event times are taken within [0, now]: a client clock far off can't make a bucket or a due time out of range.
+
 Pure: no I/O; `now` is given. topology/compute_stage.py runs it on Kafka.
 """
 
@@ -32,23 +40,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from agents.compute import traits as trait_state
 from agents.compute.catalog import evaluate
+from agents.compute.commands import check_command, check_merge
 from agents.compute.generations import Live
+from agents.errors import InvalidRecord, Waiting
+from agents.state import Overlay, State
 
 Record = dict[str, Any]
 Command = dict[str, Any]
 NO_VALUE = {"count": 0, "sum": 0, "unique_list": [], "unique_count": 0}  # what a trait is before any event
-
-
-class State(Protocol):
-    def get(self, key: str) -> Record | None: ...
-
-    def put(self, key: str, value: Record) -> None: ...
-
-    def delete(self, key: str) -> None: ...
 
 
 @dataclass
@@ -58,6 +61,13 @@ class Changes:
     commands: list[tuple[str, Command]] = field(default_factory=list)
     traits: list[Record] = field(default_factory=list)
     memberships: list[Record] = field(default_factory=list)
+    failed: list[tuple[Command, BaseException]] = field(default_factory=list)  # settled, for the dead-letter topic
+
+    def extend(self, other: Changes) -> None:
+        self.commands.extend(other.commands)
+        self.traits.extend(other.traits)
+        self.memberships.extend(other.memberships)
+        self.failed.extend(other.failed)
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,7 @@ def member_key(audience: str, profile_id: str) -> str:
     return f"a|{audience}|{profile_id}"
 
 
-class DefinitionsBehind(Exception):
+class DefinitionsBehind(Waiting):
     """This worker's definitions are older than the ones a command or a partition was handled with: wait."""
 
 
@@ -92,8 +102,10 @@ def pending(state: State) -> frozenset[str]:
 class ComputeEngine:
     """Applies inputs to one partition's state; `live` is read at each call, so definitions change live."""
 
-    def __init__(self, live: Callable[[], Live]) -> None:
-        self._live = live
+    def __init__(self, live: Callable[[], Live], exists: Callable[[int], bool] = lambda position: True) -> None:
+        """`exists(position)`: whether the definitions topic reaches `position` (a command naming one beyond its
+        end could never be waited for)."""
+        self._live, self._exists = live, exists
 
     # -- inputs ------------------------------------------------------------------------------------------------
 
@@ -109,19 +121,38 @@ class ComputeEngine:
 
     def merge(self, entry: Mapping[str, Any], out: Changes) -> None:
         """A merge-log entry at the survivor's partition: ask the merged profile's partition for its state."""
-        if entry["kind"] != "merged" or not entry.get("merged_profile_id"):
+        check_merge(entry)
+        if entry["kind"] != "merged":
             return
         merged, survivor = entry["merged_profile_id"], entry["survivor_profile_id"]
         out.commands.append((merged, {"kind": "fold_out", "profile": merged, "into": survivor, "at": entry["timestamp"]}))
 
+    def apply(self, command: Command, state: State, out: Changes, now: int) -> None:
+        """Check and run one command, all or nothing. One that is malformed or fails is reported in `out.failed` (see
+        the module docstring); only DefinitionsBehind (wait and retry) escapes."""
+        attempt, attempt_out = Overlay(state), Changes()
+        try:
+            check_command(command)
+            self.command(command, attempt, attempt_out, now)
+        except Waiting:
+            raise
+        except Exception as exc:  # a bad command (or a bug it hits) costs that command, never the partition
+            out.failed.append((command, exc))
+            return
+        attempt.commit()
+        out.extend(attempt_out)
+
     def command(self, command: Command, state: State, out: Changes, now: int) -> None:
-        """A command from another partition. It says which definitions its sender had (`feed`, a position in
+        """A checked command from another partition. It says which definitions its sender had (`feed`, a position in
         cdp.definitions); a receiver that is behind must not act on it yet (DefinitionsBehind: retry later), so
         a forwarded event counts for exactly the state ids its sender counted it for, and no state is dropped
         as unknown that is merely new."""
-        kind = command["kind"]
-        if command.get("feed", 0) > self._live().position:
-            raise DefinitionsBehind(f"a {kind} command needs definitions up to {command['feed']}, this worker has "
+        kind, needed = command["kind"], command.get("feed") or 0
+        if needed > self._live().position:
+            if not self._exists(needed):
+                raise InvalidRecord(f"a {kind} command says its sender had definitions up to {needed}, beyond the end of "
+                                    "the definitions topic")  # fmt: skip
+            raise DefinitionsBehind(f"a {kind} command needs definitions up to {needed}, this worker has "
                                     f"{self._live().position}")  # fmt: skip
         if kind == "event":
             if self._first_forward(f"sf|{command['profile']}|{command['event']['message_id']}", state):
@@ -182,7 +213,7 @@ class ComputeEngine:
                                                  "sids": sids, "feed": live.position}))  # fmt: skip
             return
         record = state.get(f"p|{profile_id}") or _new_record()
-        at = min(int(event["timestamp"]), now)  # a client clock ahead of ours counts now, not in a future bucket
+        at = min(max(int(event["timestamp"]), 0), now)  # a client clock ahead of ours counts now, not in a future bucket
         counted = {**event, "timestamp": at} if at != event["timestamp"] else event
         touched = []
         for key, definition in live.catalog.all_traits.items():

@@ -16,6 +16,7 @@ time, lists union — so folding equals having observed both profiles' events in
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -168,9 +169,9 @@ def _aggregate(kind: str, value: Any, timestamp: int, message_id: str) -> Any:
 
 def _combine(kind: str, left: Any, right: Any) -> Any:
     if kind in ("count", "sum"):
-        return left + right
+        return _bounded(left + right)
     if kind == "avg":
-        return [left[0] + right[0], left[1] + right[1]]
+        return [_bounded(left[0] + right[0]), left[1] + right[1]]
     if kind == "min":
         return min(left, right)
     if kind == "max":
@@ -203,6 +204,16 @@ def _result(kind: str, aggregate: Any) -> Any:
     if kind == "unique_count":
         return len(aggregate)
     return aggregate
+
+
+def _bounded(total: Any) -> Any:
+    """A sum that JSON (and so the state) can hold: past a 64-bit integer it goes on as a float, and a float sum
+    stops at the largest finite one instead of becoming infinity (which JSON would store as null)."""
+    if isinstance(total, int) and not -(2**63) <= total < 2**63:
+        total = float(total)
+    if isinstance(total, float) and not math.isfinite(total):
+        total = math.copysign(sys.float_info.max, total)
+    return total
 
 
 def _number(value: Any) -> bool:

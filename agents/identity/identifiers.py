@@ -49,7 +49,8 @@ def extract(event: RawEvent, rules: IdentityRules) -> list[ExtractedIdentifier]:
     if device.get("adTrackingEnabled"):
         add(f"{kind}.idfa", device.get("advertisingId"))
     add(f"{kind}.push_token", device.get("token"))
-    for external in context.get("externalIds") or []:
+    externals = context.get("externalIds")
+    for external in externals if isinstance(externals, list) else ():
         if isinstance(external, dict) and isinstance(external.get("type"), str):
             add(external["type"], external.get("id"))
     for rule in rules.identifiers:

@@ -31,6 +31,16 @@ holder, a join locked by the same request is not locked again, a decided request
 stage may re-send its outbox after a SIGKILL. Ids are deterministic: a profile's id derives from the event that
 created it, a join request's id from the event and step.
 
+Why a bad command can't leave anyone waiting: `apply` checks a command (agents/identity/commands.py) and handles
+it all or nothing; one that is malformed or fails (a bug, a record no version of us wrote) is reported in
+`Outputs.failed` for the dead-letter topic, and `_settle` then does what its waiters need, from the fields it
+can still read: a failed claim answers its saga that the identifier is left out; a failed join or offer is
+refused (the younger profile unlocks, the saga demotes the identifier); a failed create makes the profile exist
+anyway (without identifiers), so what is queued there goes on; a failed `offered` frees the younger profile as
+the older decided; a failed answer to a saga (`claimed`, `joined`) finishes the saga with what it has linked so
+far, demoting the rest. Demotions and refusals name the rule `failed: <error>`. Queued commands are drained
+through `apply` too, so one of them failing can't undo the command that frees them.
+
 Pure: no I/O. The stage (topology/identity_stage.py) feeds commands, keeps `State` in RocksDB with a changelog,
 and writes `Outputs` to Kafka.
 """
@@ -40,25 +50,19 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from agents.errors import InvalidRecord
 from agents.events import MergeLogEntry, RawEvent
+from agents.identity.commands import check_command
 from agents.identity.identifiers import extract
 from agents.identity.rules import IdentityRules
+from agents.state import Overlay, State
 
 Command = dict[str, Any]
 Record = dict[str, Any]
 LOG_KEPT = 500  # merge-log entries kept on a profile for its web view (the topic has them all)
-
-
-class State(Protocol):
-    """One partition's records; the caller makes a batch of changes durable at once."""
-
-    def get(self, key: str) -> Record | None: ...
-
-    def put(self, key: str, value: Record) -> None: ...
-
-    def delete(self, key: str) -> None: ...
+RULE_CHARS = 200  # a `failed: <error>` rule is kept on sagas and merge-log entries: bounded
 
 
 @dataclass(frozen=True)
@@ -72,14 +76,24 @@ class Resolved:
 
 @dataclass
 class Outputs:
-    """What handling commands produced: commands for other owners, resolved events, merge-log entries."""
+    """What handling commands produced: commands for other owners, resolved events, merge-log entries; commands that
+    failed (settled, for the dead-letter topic) and the few whose settling failed too (for the log)."""
 
     commands: list[tuple[str, Command]] = field(default_factory=list)
     resolved: list[Resolved] = field(default_factory=list)
     log: list[MergeLogEntry] = field(default_factory=list)
+    failed: list[tuple[Command, BaseException]] = field(default_factory=list)
+    unsettled: list[tuple[Command, BaseException]] = field(default_factory=list)
 
     def send(self, key: str, command: Command) -> None:
         self.commands.append((key, command))
+
+    def extend(self, other: Outputs) -> None:
+        self.commands.extend(other.commands)
+        self.resolved.extend(other.resolved)
+        self.log.extend(other.log)
+        self.failed.extend(other.failed)
+        self.unsettled.extend(other.unsettled)
 
 
 def profile_id_for(message_id: str, created_at: int) -> str:
@@ -119,10 +133,25 @@ class IdentityProtocol:
     def __init__(self, rules: IdentityRules) -> None:
         self.rules = rules
 
+    def apply(self, command: Command, state: State, out: Outputs) -> None:
+        """Check and handle one command, all or nothing; never raises. A command that is malformed or fails is
+        reported in `out.failed` and what it leaves behind is settled (see the module docstring)."""
+        attempt, attempt_out = Overlay(state), Outputs()
+        try:
+            check_command(command)
+            self.handle(command, attempt, attempt_out)
+        except Exception as exc:  # a bad command (or a bug it hits) costs that command, never the partition
+            out.failed.append((command, exc))
+            self._settle_failed(command, exc, state, out)
+            return
+        attempt.commit()
+        out.extend(attempt_out)
+
     def handle(self, command: Command, state: State, out: Outputs) -> None:
+        """Handle one checked command; raises on anything it can't do (`apply` is the safe way in)."""
         handler = _HANDLERS.get(command.get("kind", ""))
         if handler is None:
-            raise ValueError(f"unknown identity command kind {command.get('kind')!r}")
+            raise InvalidRecord(f"unknown identity command kind {command.get('kind')!r}")
         handler(self, command, state, out)
 
     # -- the event's saga, at the messageId's owner ---------------------------------------------------------
@@ -183,28 +212,40 @@ class IdentityProtocol:
     def _on_claimed(self, command: Command, state: State, out: Outputs) -> None:
         saga = state.get(saga_record(command["message_id"]))
         index = command["index"]
+        if saga is not None and index >= len(saga["holders"]):
+            raise InvalidRecord(f"claimed answers identifier {index} of {command['message_id']}, which has {len(saga['holders'])}")
         if saga is None or saga["step"] != 0 or saga["holders"][index] is not None:
             return  # an answer delivered twice
-        saga["holders"][index] = command["holder"]
-        if command["fresh"]:
-            saga["fresh"].append(index)
+        if command.get("failed") is not None:  # the claim failed at the identifier's owner: it links nothing
+            saga["holders"][index] = LEFT_OUT
+            saga["demoted"].append([*saga["ids"][index], command["failed"]])
+        else:
+            saga["holders"][index] = command["holder"]
+            if command["fresh"]:
+                saga["fresh"].append(index)
         if any(holder is None for holder in saga["holders"]):
             state.put(saga_record(command["message_id"]), saga)
             return
-        if saga["fresh"]:
-            ids = [[*saga["ids"][i], saga["at"]] for i in sorted(saga["fresh"])]
-            message_id = command["message_id"]
-            out.send(saga["pid"], {"kind": "create", "profile": saga["pid"], "at": saga["at"], "ids": ids, "message_id": message_id})
-        saga["current"], saga["step"] = saga["holders"][0], 1
+        self._create_own(saga, out)
+        saga["current"], saga["step"] = next((h for h in saga["holders"] if h != LEFT_OUT), saga["pid"]), 1
         self._advance(saga, state, out)
+
+    def _create_own(self, saga: Record, out: Outputs) -> None:
+        """Create the saga's own profile when an identifier was claimed for it, or when a claim failed: then nothing
+        else may hold the event, and a copy of that claim delivered again later may yet point its identifier here."""
+        fresh = sorted(saga["fresh"])
+        if fresh or LEFT_OUT in saga["holders"]:
+            ids = [[*saga["ids"][i], saga["at"]] for i in fresh]
+            out.send(saga["pid"], {"kind": "create", "profile": saga["pid"], "at": saga["at"], "ids": ids,
+                                   "message_id": saga["event"]["message_id"]})  # fmt: skip
 
     def _advance(self, saga: Record, state: State, out: Outputs) -> None:
         """Join the next identifier's profile into the event's, or finish when none is left."""
         message_id = saga["event"]["message_id"]
         while saga["step"] < len(saga["ids"]):
             holder = saga["holders"][saga["step"]]
-            if holder == saga["current"] or holder in saga["joined"]:
-                saga["step"] += 1
+            if holder == saga["current"] or holder in saga["joined"] or holder == LEFT_OUT:
+                saga["step"] += 1  # nothing to join (a left-out identifier was demoted when its claim failed)
             elif holder in saga["refused"]:
                 saga["demoted"].append([*saga["ids"][saga["step"]], saga["refused"][holder]])
                 saga["step"] += 1
@@ -348,17 +389,18 @@ class IdentityProtocol:
         if record is None or record["lock"] != command["request"]:
             return  # an answer delivered twice
         record["lock"] = None
-        state.put(f"d|{command['request']}", {k: command[k] for k in ("accepted", "root", "rule", "entry")})
+        state.put(f"d|{command['request']}", {k: command.get(k) for k in ("accepted", "root", "rule", "entry")})
         if command["accepted"]:
             record.update(status="merged", into=command["root"], ids=[], log=[])
-        else:
+        elif command.get("entry") is not None:
             record["log"] = (record["log"] + [command["entry"]])[-LOG_KEPT:]
         queued, record["queue"] = record["queue"], []
         state.put(key, record)
-        self._answer(command, accepted=command["accepted"], root=command["root"], rule=command["rule"], out=out)
+        if command.get("message_id") is not None:
+            self._answer(command, accepted=command["accepted"], root=command["root"], rule=command["rule"], out=out)
         self._drain(key, queued, state, out)
 
-    def _answer(self, command: Command, *, accepted: bool, root: str, rule: str, out: Outputs) -> None:
+    def _answer(self, command: Command, *, accepted: bool, root: str | None, rule: str, out: Outputs) -> None:
         out.send(command["message_id"], {"kind": "joined", "request": command["request"], "message_id": command["message_id"],
                                          "accepted": accepted, "root": root, "rule": rule})  # fmt: skip
 
@@ -369,7 +411,98 @@ class IdentityProtocol:
 
     def _drain(self, key: str, queued: list[Command], state: State, out: Outputs) -> None:
         for command in queued:  # in arrival order; one may lock the profile again and queue the rest anew
-            self.handle(command, state, out)
+            self.apply(command, state, out)  # each on its own: one failing can't undo what freed the queue
+
+    # -- settling what a failed command leaves behind -------------------------------------------------------
+
+    def _settle_failed(self, command: Command, error: BaseException, state: State, out: Outputs) -> None:
+        """Run `_settle` all or nothing; if even that fails (the state itself is broken), report it unsettled."""
+        attempt, attempt_out = Overlay(state), Outputs()
+        try:
+            self._settle(command, failed_rule(error), attempt, attempt_out)
+        except Exception as exc:
+            out.unsettled.append((command, exc))
+            return
+        attempt.commit()
+        out.extend(attempt_out)
+
+    def _settle(self, command: Any, rule: str, state: State, out: Outputs) -> None:
+        """Do for the waiters of a failed command what it would have done, as far as its readable fields allow."""
+        if not isinstance(command, dict):
+            return
+        kind, message_id = command.get("kind"), _text(command, "message_id")
+        if kind == "claim" and message_id and _index(command):
+            out.send(message_id, {"kind": "claimed", "message_id": message_id, "index": command["index"], "failed": rule})
+        elif kind in ("claimed", "joined") and message_id:
+            self._abort(message_id, command, rule, state, out)
+        elif kind == "create" and _text(command, "profile"):
+            self._create_anyway(command, state, out)
+        elif kind == "join" and message_id and _text(command, "request"):
+            out.send(message_id, {"kind": "joined", "request": command["request"], "message_id": message_id,
+                                  "accepted": False, "root": None, "rule": rule})  # fmt: skip
+        elif kind == "offer" and _text(command, "young") and _text(command, "request"):
+            old, young = _text(command, "old"), command["young"]
+            entry = _entry("refused", old, young, [], message_id, _whole(command, "at"), rule) if old and message_id else None
+            if entry is not None:
+                out.log.append(entry)
+            out.send(young, {"kind": "offered", "request": command["request"], "message_id": message_id, "young": young,
+                             "accepted": False, "root": old or None, "rule": rule, "entry": entry})  # fmt: skip
+        elif kind == "offered" and _text(command, "young") and _text(command, "request"):
+            self._free(command, rule, state, out)
+
+    def _abort(self, message_id: str, command: Command, rule: str, state: State, out: Outputs) -> None:
+        """Finish a saga whose own step failed with what it has: the profile it stands on so far, the rest demoted.
+        Only for the answer the saga waits for now (a late duplicate, or a stray, leaves it alone)."""
+        saga = state.get(saga_record(message_id))
+        if saga is None:
+            return
+        if command.get("kind") == "claimed":
+            index = command.get("index")
+            if saga["step"] != 0 or not _index(command) or index >= len(saga["holders"]) or saga["holders"][index] is not None:
+                return
+        elif saga["step"] == 0 or command.get("request") != f"{message_id}#{saga['step']}":
+            return
+        if saga["step"] == 0:  # claims still out: stand on the saga's own profile, which late claims may point at
+            if command.get("kind") == "claimed" and command.get("fresh") is True and _index(command) and command["index"] < len(saga["holders"]):
+                saga["fresh"] = sorted({*saga["fresh"], command["index"]})
+            saga["fresh"] = [i for i in saga["fresh"] if 0 <= i < len(saga["ids"])]
+            saga["holders"] = [saga["pid"] if i in saga["fresh"] else LEFT_OUT for i in range(len(saga["ids"]))]
+            out.send(saga["pid"], {"kind": "create", "profile": saga["pid"], "at": saga["at"],
+                                   "ids": [[*saga["ids"][i], saga["at"]] for i in saga["fresh"]], "message_id": message_id})  # fmt: skip
+            saga["current"] = saga["pid"]
+        linked = {saga["current"], *saga["joined"]}
+        for index in range(saga["step"], len(saga["ids"])):
+            if saga["holders"][index] not in linked:
+                saga["demoted"].append([*saga["ids"][index], rule])
+        self._finish(saga, state, out)
+
+    def _create_anyway(self, command: Command, state: State, out: Outputs) -> None:
+        """A profile whose create failed exists all the same (without identifiers), so what waits for it goes on."""
+        key = profile_record(command["profile"])
+        record = state.get(key)
+        if record is not None and record.get("status") != "expected":
+            return
+        queued = record.get("queue", []) if record is not None else []
+        state.put(key, {"status": "live", "created_at": _whole(command, "at"), "ids": [], "merges": 0, "merged_from": [],
+                        "into": None, "lock": None, "queue": [], "log": []})  # fmt: skip
+        self._drain(key, queued, state, out)
+
+    def _free(self, command: Command, rule: str, state: State, out: Outputs) -> None:
+        """The younger profile of a join whose answer failed: merged if the older took it, else unlocked."""
+        key = profile_record(command["young"])
+        record = state.get(key)
+        if record is None or record.get("lock") != command["request"]:
+            return
+        accepted = command.get("accepted") is True and isinstance(command.get("root"), str) and command["root"] < command["young"]
+        record["lock"] = None
+        if accepted:
+            record.update(status="merged", into=command["root"], ids=[], log=[])
+        queued, record["queue"] = record.get("queue", []), []
+        state.put(key, record)
+        if _text(command, "message_id"):
+            self._answer(command, accepted=accepted, root=command["root"] if accepted else None,  # type: ignore[arg-type]
+                         rule=command["rule"] if accepted and _text(command, "rule") else rule, out=out)
+        self._drain(key, queued, state, out)
 
 
 _HANDLERS = {
@@ -383,6 +516,30 @@ _HANDLERS = {
     "joined": IdentityProtocol._on_joined,
     "repoint": IdentityProtocol._on_repoint,
 }
+
+
+LEFT_OUT = ""  # a saga's holder for an identifier whose claim failed: it links nothing
+
+
+def failed_rule(error: BaseException) -> str:
+    """The rule a settled failure is logged under (saga demotions, refused merges): `failed: <error>`, bounded."""
+    text = f"failed: {type(error).__name__}: {error}"
+    return text if len(text) <= RULE_CHARS else text[: RULE_CHARS - 1] + "…"
+
+
+def _text(command: Command, field: str) -> str | None:
+    value = command.get(field)
+    return value if isinstance(value, str) and value else None
+
+
+def _whole(command: Command, field: str) -> int:
+    value = command.get(field)
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**15 else 0
+
+
+def _index(command: Command) -> bool:
+    value = command.get("index")
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _entry(kind: str, survivor: str, merged: str | None, identifiers: Sequence[Sequence[str]], message_id: str, at: int,

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from agents.checks import json_depth
 from agents.errors import InvalidMessage
 from agents.events import RawEvent
 
@@ -24,6 +25,7 @@ MAX_EVENT_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 500 * 1024
 MAX_BATCH_EVENTS = 2_500
 MAX_MESSAGE_ID_CHARS = 100
+MAX_JSON_DEPTH = 64  # levels of objects and arrays in a message, itself included; Segment's payloads use a handful
 _OBJECT_FIELDS = {"properties": "properties", "traits": "traits", "context": "context", "integrations": "integrations"}
 _KNOWN_FIELDS = {
     "type", "userId", "anonymousId", "messageId", "event", "name", "category", "groupId", "previousId",
@@ -79,6 +81,7 @@ def parse_time_ms(value: Any, field: str) -> int:
 
 def envelope_of(body: Mapping[str, Any]) -> Envelope:
     """The batch-level context, integrations and sentAt of a batch body."""
+    _check_depth({"context": body.get("context"), "integrations": body.get("integrations")}, MAX_JSON_DEPTH)
     context = _object(body, "context")
     integrations = _object(body, "integrations")
     sent_at = parse_time_ms(body["sentAt"], "sentAt") if body.get("sentAt") is not None else None
@@ -101,6 +104,7 @@ def to_raw_event(
     """
     if not isinstance(message, dict):
         raise InvalidMessage("message", f"must be a JSON object, not {type(message).__name__}")
+    _check_depth(message, MAX_JSON_DEPTH)
     size = len(orjson.dumps(message))
     if size > MAX_EVENT_BYTES:
         raise InvalidMessage("message", f"is {size} bytes; Segment's limit is {MAX_EVENT_BYTES} bytes (32 KB) per event")
@@ -175,6 +179,15 @@ def batch_to_raw_events(
         except InvalidMessage as exc:
             problems.append(MessageProblem(index, exc.field, exc.reason))
     return (events, []) if not problems else ([], problems)
+
+
+def _check_depth(message: Mapping[str, Any], limit: int) -> None:
+    """InvalidMessage naming the first field that nests deeper than `limit` levels (the message itself is one)."""
+    if json_depth(message, limit) <= limit:
+        return
+    field = next(key for key, value in message.items() if json_depth(value, limit - 1) > limit - 1)
+    raise InvalidMessage(str(field), f"nests deeper than {limit} levels of objects and arrays (counting the message); "
+                                     f"that is the limit")  # fmt: skip
 
 
 def _call_type(message: Mapping[str, Any], call_type: str | None) -> str:

@@ -82,6 +82,10 @@ class Cluster:
         state = _DictState(self.states[partition])
         out = Outputs()
         self.protocol.handle(command, state, out)
+        self._route(out)
+
+    def _route(self, out: Outputs) -> None:
+        """Commands to their owners' logs (sometimes twice), resolved events and log entries kept."""
         for key, sent in out.commands:
             target = self.work[partition_of(key, self.partitions)]
             target.append(sent)

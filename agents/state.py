@@ -1,0 +1,63 @@
+"""The state a stage's logic works on, and how one step of it is made all or nothing.
+
+Every stage's logic (agents/identity/protocol.py, agents/compute/engine.py) reads and writes one partition's
+records through `State`; the stage keeps them in RocksDB with a changelog (topology/state_store.py). An
+`Overlay` keeps a step's writes aside until `commit()`: a step that raises halfway (a malformed command, a bug)
+is dropped whole instead of leaving half its changes behind, which is what lets a stage give up one record and
+go on (topology/partitioned_stage.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import orjson
+
+Record = dict[str, Any]
+
+
+class State(Protocol):
+    """One partition's records; the caller makes a batch of changes durable at once."""
+
+    def get(self, key: str) -> Record | None: ...
+
+    def put(self, key: str, value: Record) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+class Overlay:
+    """Writes kept aside over `base` until `commit()`; reads see them. Records are stored as JSON, so a caller can't
+    change a record it read without putting it back (as with a store's decoded copies)."""
+
+    def __init__(self, base: State) -> None:
+        self.base = base
+        self.changes: dict[str, bytes | None] = {}
+
+    def get(self, key: str) -> Record | None:
+        if key in self.changes:
+            value = self.changes[key]
+            return None if value is None else orjson.loads(value)
+        return self.base.get(key)
+
+    def put(self, key: str, value: Record) -> None:
+        self.changes[key] = orjson.dumps(value)
+
+    def put_raw(self, key: str, value: bytes) -> None:
+        """`value` already is a record's JSON."""
+        self.changes[key] = value
+
+    def delete(self, key: str) -> None:
+        self.changes[key] = None
+
+    def commit(self) -> None:
+        """Hand the writes to `base` (as JSON when it takes JSON, so nothing is encoded twice)."""
+        put_raw = getattr(self.base, "put_raw", None)
+        for key, value in self.changes.items():
+            if value is None:
+                self.base.delete(key)
+            elif put_raw is not None:
+                put_raw(key, value)
+            else:
+                self.base.put(key, orjson.loads(value))
+        self.changes.clear()
