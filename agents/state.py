@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from agents.errors import InvalidRecord
+
 Record = dict[str, Any]
 
 
@@ -61,3 +63,14 @@ class Overlay:
             else:
                 self.base.put(key, orjson.loads(value))
         self.changes.clear()
+
+
+def check_sizes(overlay: Overlay, limit: int | None) -> None:
+    """InvalidRecord if a step would make a record larger than `limit` bytes of JSON (None: no limit). The stages
+    set it under what a Kafka record holds: a state record that outgrew it could never be written, and its
+    partition would stall for good; refusing the step that grows it costs that step instead."""
+    if limit is None:
+        return
+    for key, value in overlay.changes.items():
+        if value is not None and len(value) > limit:
+            raise InvalidRecord(f"the state record {key[:80]!r} would be {len(value)} bytes; records hold at most {limit}")

@@ -43,7 +43,7 @@ from topology.partition_reader import catch_up_consumer, read_range
 from topology.partitioned_stage import (
     Failure, Output, PartitionedStage, StageIO, command_bytes, command_records, commands_of,
 )  # fmt: skip
-from topology.producer import AsyncProducer, Record
+from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.state_store import StateStore, Transaction
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class ComputeStage(PartitionedStage):
         self.live, self.live_ready = live, live_ready
         self._snapshot = live()  # the definitions of the batch being applied (see prepare)
         self.topics, self.codecs, self.clock = topics, codecs, clock
-        self.engine = ComputeEngine(lambda: self._snapshot, definitions_exist)
+        self.engine = ComputeEngine(lambda: self._snapshot, definitions_exist, MAX_RECORD_BYTES)
         self._counters = ComputeCounters()
         self._backfills: dict[int, asyncio.Task[None]] = {}
         self._woken: dict[int, bool] = {}
@@ -227,6 +227,7 @@ class ComputeStage(PartitionedStage):
         attempt, changes = Overlay(tx), Changes()
         try:
             step(attempt, changes)
+            self.engine.fits(attempt, changes)
         except Exception:
             log.exception("compute: %s failed; skipped", what)
             self._counters.failed += 1

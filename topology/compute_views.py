@@ -94,7 +94,7 @@ class ComputeViews:
         partition, after = 0, ""
         if cursor:
             head, _, after = cursor.partition(":")
-            if not (head.isascii() and head.isdigit()) or int(head) >= self.router.partitions:
+            if not (head.isascii() and head.isdigit() and len(head) <= 12) or int(head) >= self.router.partitions:
                 return 400, {"error": f"bad cursor {cursor!r}: use the next_cursor of the previous page"}
             partition = int(head)
         page: list[str] = []

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from agents.compute.catalog import build_catalog
+from agents.compute.definitions import check_new
 from agents.durations import parse_duration_ms
 from agents.errors import ConfigError
 from agents.identity.rules import IdentityRules, parse_rules
@@ -126,7 +127,9 @@ class Settings:
         unknown = set(raw) - _TOP_LEVEL_KEYS
         if unknown:
             raise ConfigError(f"unknown config keys {sorted(unknown)}; known: {sorted(_TOP_LEVEL_KEYS)}")
-        build_catalog(raw.get("traits") or (), raw.get("audiences") or ())  # a bad definition stops the start, named
+        catalog = build_catalog(raw.get("traits") or (), raw.get("audiences") or ())  # a bad one stops the start, named
+        for (kind, _), body in catalog.sources.items():
+            check_new(kind, body)
         return cls(
             config_path=config_path,
             sources=_sources(raw.get("sources") or []),

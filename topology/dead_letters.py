@@ -17,6 +17,7 @@ from topology.codecs import AvroCodec
 from topology.producer import Record
 
 MAX_REASON_CHARS = 2_000  # an error message quoting a 200 KB value must not make a 200 KB dead letter
+MAX_COPIED_BYTES = 400_000  # of the original key and of its value: a dead letter must itself fit a Kafka record
 
 
 def describe(error: BaseException) -> str:
@@ -29,16 +30,19 @@ def describe(error: BaseException) -> str:
 def dead_letter(
     *, stage: str, error: BaseException, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
 ) -> DeadLetter:
-    """The DeadLetter payload for one record read from `topic` at `partition`/`offset`."""
+    """The DeadLetter payload for one record read from `topic` at `partition`/`offset`. A key or value too large to
+    copy whole is cut, and the reason says so (the original stays on its topic until retention)."""
+    cut = [f"{name} of {len(data)} bytes cut to its first {MAX_COPIED_BYTES}" for name, data in (("key", key), ("value", value))
+           if data is not None and len(data) > MAX_COPIED_BYTES]  # fmt: skip
     return DeadLetter(
         stage=stage,
-        reason=f"{topic}[{partition}]@{offset}: {describe(error)}",
+        reason=f"{topic}[{partition}]@{offset}: {describe(error)}" + (f" ({'; '.join(cut)})" if cut else ""),
         error=type(error).__name__,
         topic=topic,
         partition=partition,
         offset=offset,
-        key=key,
-        value=value,
+        key=key if key is None else key[:MAX_COPIED_BYTES],
+        value=value if value is None else value[:MAX_COPIED_BYTES],
         destination=None,
         attempts=0,
         failed_at=int(time.time() * 1000),

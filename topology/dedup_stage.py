@@ -35,7 +35,7 @@ from agents.ingest.dedup import Sightings, first_sightings
 from topology.codecs import AvroCodec
 from topology.dead_letters import DeadLetters
 from topology.partition_reader import catch_up_consumer, read_chunks
-from topology.producer import AsyncProducer, Record
+from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.seen_store import SeenStore
 from topology.stalls import PartitionHealth, until_done
 
@@ -161,6 +161,8 @@ class DedupStage:
         """The stage's decode step: a RawEvent as the ingest writes it, received no later than `latest_ms`."""
         if value is None:
             raise UndecodableError("empty record (no value)")
+        if len(value) > MAX_RECORD_BYTES:  # it is passed on as it is: it must fit a record of ours
+            raise InvalidRecord(f"{len(value)} bytes, more than any call the ingest accepts ({MAX_RECORD_BYTES} at most)")
         raw = self.codec.decode(value)
         checks.raw_event(raw)
         if raw["received_at"] > latest_ms:

@@ -66,6 +66,8 @@ class DefinitionsFeed:
         self.caught_up = threading.Event()
         self._position = 0  # the next offset of the topic this feed will read
         self._end = 0  # the topic's end offset, as last seen
+        self._asked: dict[int, float] = {}  # positions beyond the end seen so far that commands needed -> when first
+        self._checked = 0.0  # when the feed thread last asked Kafka for the end (to answer `exists`)
         self._parked: dict[tuple[str, str], dict[str, Any]] = {}
         self._publishing = asyncio.Lock()
         self.skipped = 0  # records of the topic that were not definitions (see the module docstring)
@@ -108,6 +110,9 @@ class DefinitionsFeed:
                             self.caught_up.set()
                         else:
                             log.warning("definitions: reading %s: %s", self.topic, error)
+                    if any(position > self._end for position in list(self._asked)):  # how far does the topic go?
+                        self._end = max(self._end, consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=10)[1])
+                        self._checked = time.monotonic()
             except Exception:  # the thread must outlive any one consumer
                 log.exception("definitions: the feed failed; restarting it")
                 time.sleep(1.0)
@@ -122,20 +127,17 @@ class DefinitionsFeed:
                 self.live = replace(self.live, position=self._position)
             self._changed.notify_all()
 
-    def exists(self, position: int, timeout_s: float = 5.0) -> bool:
-        """Whether `position` is at most the topic's end: a command may say its sender read definitions up to there.
-        One that says more (no worker ever read so far) could never be waited for; can't tell: assume it exists."""
+    def exists(self, position: int) -> bool:
+        """Whether `position` is at most the topic's end: a command says its sender read definitions up to there,
+        and one saying more (no worker ever read so far) could never be waited for. Never blocks: a position beyond
+        the end seen so far is looked up by the feed thread; until it has answered, assume it exists (wait)."""
         if position <= self._end:
+            self._asked.pop(position, None)
             return True
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{self.topic}.feed"})
-        try:
-            _, end = consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=timeout_s)
-        except Exception:  # Kafka away: wait rather than refuse
-            return True
-        finally:
-            consumer.close()
-        self._end = max(self._end, end)
-        return position <= end
+        if len(self._asked) > 1_000:  # bounded: forget what was asked long ago
+            self._asked.clear()
+        asked = self._asked.setdefault(position, time.monotonic())
+        return self._checked <= asked or position <= self._end  # (the thread sets the end before the time)
 
     def _sync(self, timeout_s: float) -> None:
         """Wait until this feed has read everything written to the topic so far: a POST on any worker then sees

@@ -29,11 +29,11 @@ from topology.config import Settings
 from topology.dedup_stage import DedupStage
 from topology.definitions_feed import DefinitionsFeed
 from topology.http import IngestServer
-from topology.http_common import json_errors
+from topology.http_common import json_errors, json_protocol_errors
 from topology.identity_stage import IdentityCodecs, IdentityStage, IdentityTopics
 from topology.identity_views import IdentityViews
 from topology.metrics import Metric, process_cpu
-from topology.producer import AsyncProducer, producer_config
+from topology.producer import MAX_RECORD_BYTES, AsyncProducer, producer_config
 from topology.routing import Router
 from topology.shutdown import watch_shutdown
 from topology.stalls import PartitionHealth, blocked_metrics
@@ -153,6 +153,7 @@ def create_app(settings: Settings) -> faust.App:
 
 def build(settings: Settings) -> Graph:
     """Wire every worker stage into a new Faust app."""
+    json_protocol_errors()
     app = create_app(settings)
     codecs = Codecs(settings)
     producer = _LazyProducer(settings)
@@ -265,7 +266,7 @@ def _identity_stage(app: faust.App, settings: Settings, codecs: Codecs, producer
             resolved=codecs.for_topic(EVENTS_RESOLVED), merges=codecs.for_topic(IDENTITY_MERGES),
             dead_letter=codecs.for_topic(EVENTS_DEAD_LETTER),
         ),  # fmt: skip
-        protocol=IdentityProtocol(settings.identity),
+        protocol=IdentityProtocol(settings.identity, max_record_bytes=MAX_RECORD_BYTES),
         partitions=IDENTITY_COMMANDS.partition_count(settings),
         store_dir=worker_data_dir(settings) / "identity",
         bootstrap=settings.kafka_bootstrap,

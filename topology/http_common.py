@@ -6,6 +6,8 @@
 - A request body is read within BODY_TIMEOUT_S and a size limit (`read_body`): a client that declares a length
   and then trickles bytes gets 408 and its connection closed, instead of holding it for as long as it likes.
 - Secrets are compared as bytes in constant time (`same_secret`): a header is text that may hold any character.
+- Requests aiohttp's HTTP parser refuses before any route sees them (a request line over 8 KB, malformed HTTP)
+  are answered by aiohttp itself; `json_protocol_errors()` makes those answers JSON too (both servers call it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 log = logging.getLogger(__name__)
 BODY_TIMEOUT_S = 10.0  # the whole body must arrive within this after the headers
@@ -78,6 +80,25 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     if response.status == 408:
         response.force_close()
     return response
+
+
+def json_protocol_errors() -> None:
+    """Make the answers of aiohttp's own protocol handler (to requests it can't parse) JSON, like every other error.
+    aiohttp has no setting for it: its `handle_error` is wrapped, once per process."""
+    original = RequestHandler.handle_error
+    if getattr(original, "json_errors", False):
+        return
+
+    def handle_error(self: RequestHandler, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:  # fmt: skip
+        answer = original(self, request, status, exc, message)
+        reason = (message or (exc and str(exc)) or f"HTTP {status}").replace("\n", " ")
+        response = HttpError(status, reason[:300]).response()
+        response.force_close()
+        return response if isinstance(answer, web.Response) else answer
+
+    handle_error.json_errors = True  # type: ignore[attr-defined]
+    RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
 
 
 def _kept(headers: Any) -> dict[str, str]:

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from topology.config import Settings
 from topology.graph import ingest_server
+from topology.http_common import json_protocol_errors
 from topology.producer import AsyncProducer, producer_config
 
 
@@ -21,6 +22,7 @@ def serve(settings: Settings) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # uvloop is a speed-up, not a requirement
         pass
+    json_protocol_errors()
     producer = AsyncProducer(producer_config(settings.kafka_bootstrap, settings.ingest.delivery_timeout_ms))
     app = ingest_server(settings, producer).app()
 

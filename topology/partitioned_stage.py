@@ -37,11 +37,11 @@ from aiokafka.partitioner import murmur2
 from confluent_kafka import KafkaException, TopicPartition
 
 from agents.errors import DeliveryFailed, InvalidRecord, Waiting
-from agents.state import Overlay
+from agents.state import Overlay, check_sizes
 from topology.codecs import AvroCodec
 from topology.dead_letters import DeadLetters
 from topology.partition_reader import catch_up_consumer, read_chunks
-from topology.producer import AsyncProducer, Record
+from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.stalls import PartitionHealth, until_done
 from topology.state_store import StateStore, Transaction
 from topology.transactional import TransactionalWriter
@@ -52,7 +52,6 @@ OUTBOX = "o|"  # outbox records: o|0, o|1, ... each at most OUTBOX_CHUNK_BYTES o
 OUTBOX_CHUNK_BYTES = 256_000  # records stay far below Kafka's 1 MB default message size
 CATCH_UP_CHUNK = 20_000
 STALE_AFTER_MS = 20 * 3_600_000  # under the changelog's delete.retention.ms (Kafka's default: 24 h)
-MAX_RECORD_BYTES = 900_000  # a state record, outbox item or output must fit Kafka's default 1 MB message size
 RETRIED = (Waiting, DeliveryFailed, KafkaException)  # what retries a batch; anything else costs one record
 
 
@@ -471,10 +470,7 @@ class PartitionedStage:
 def _check_sizes(tx: Overlay, out: Output) -> None:
     """Refuse a record whose effects Kafka could never carry (it would stall the partition for good): a state record
     or an output over MAX_RECORD_BYTES, e.g. a profile whose unique_list of 30 KB values keeps growing."""
-    for key, value in tx.changes.items():
-        if value is not None and len(value) > MAX_RECORD_BYTES:
-            raise InvalidRecord(f"applying it would make the state record {key[:80]!r} {len(value)} bytes; Kafka "
-                                f"records hold at most {MAX_RECORD_BYTES}")  # fmt: skip
+    check_sizes(tx, MAX_RECORD_BYTES)
     for record in out.atomic:
         if record.value is not None and len(record.value) > MAX_RECORD_BYTES:
             raise InvalidRecord(f"an output to {record.topic} would be {len(record.value)} bytes; Kafka records hold at "

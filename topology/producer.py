@@ -18,6 +18,9 @@ import confluent_kafka
 from agents.errors import DeliveryFailed
 
 
+MAX_RECORD_BYTES = 900_000  # what a stage lets one record grow to: under librdkafka's 1,000,000-byte message.max.bytes
+
+
 @dataclass(frozen=True)
 class Record:
     """One record to write; `partition=None` lets the murmur2 partitioner pick by key, as Faust does."""

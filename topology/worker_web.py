@@ -38,20 +38,25 @@ def text_param(value: str, name: str) -> str:
     return value
 
 
+def whole(text: str) -> int | None:
+    """A small whole number written in ASCII digits, or None (`int` of a 5,000-digit string raises, by design)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 12 else None
+
+
 def hops(request: Any) -> int:
     """How many workers forwarded this request so far (0 from a client)."""
     text = request.headers.get(HOPS_HEADER, "0") or "0"
-    if not (text.isascii() and text.isdigit()) or int(text) > MAX_HOPS:
+    if (number := whole(text)) is None or number > MAX_HOPS:
         raise HttpError(400, f"{HOPS_HEADER} must be a whole number from 0 to {MAX_HOPS} (workers set it when they "
                              f"forward a request), not {text[:40]!r}")  # fmt: skip
-    return int(text)
+    return number
 
 
 def partition_param(text: str, partitions: int) -> int:
     """A partition number from a path: one that exists."""
-    if not (text.isascii() and text.isdigit()) or int(text) >= partitions:
+    if (number := whole(text)) is None or number >= partitions:
         raise HttpError(400, f"partition must be a whole number from 0 to {partitions - 1}, not {text[:40]!r}")
-    return int(text)
+    return number
 
 
 def limit_param(request: Any) -> int:
@@ -59,10 +64,11 @@ def limit_param(request: Any) -> int:
     text = request.query.get("limit")
     if text is None:
         return PAGE_DEFAULT
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+    digits = text.lstrip("0") if text.isascii() and text.isdigit() else ""
+    if not digits:
         raise HttpError(400, f"limit must be a whole number of at least 1 (at most {PAGE_MAX} are returned), "
                              f"not {text[:40]!r}")  # fmt: skip
-    return min(int(text), PAGE_MAX)
+    return PAGE_MAX if len(digits) > len(str(PAGE_MAX)) else min(int(digits), PAGE_MAX)
 
 
 def register(

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from agents.compute.definitions import (
-    OPERATORS, TraitDefinition, check_condition, check_key, check_limits, leaves, parse_trait, parse_window,
+    OPERATORS, TraitDefinition, check_condition, check_depth, check_key, check_new, leaves, parse_trait, parse_window,
 )  # fmt: skip
 from agents.compute.traits import compare
 from agents.errors import ConfigError
@@ -73,6 +73,7 @@ class Catalog:
         if kind not in KINDS:
             raise ConfigError(f"unknown definition kind {kind!r}; kinds: {', '.join(KINDS)}")
         key = (parse_trait(raw) if kind == "trait" else parse_audience(raw)).key
+        check_new(kind, raw)
         sources = {**self.sources, (kind, key): raw}
         return build_catalog([r for (k, _), r in sources.items() if k == "trait"],
                              [r for (k, _), r in sources.items() if k == "audience"])  # fmt: skip
@@ -82,7 +83,7 @@ def parse_audience(raw: Any) -> AudienceDefinition:
     """An audience definition from its JSON/YAML form; raises ConfigError naming the audience and the problem."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"an audience definition is an object, not {raw!r:.100}")
-    check_limits(raw, "an audience definition")
+    check_depth(raw, "an audience definition")
     key = check_key(raw.get("key"), "audience")
     unknown = set(raw) - set(AUDIENCE_FIELDS)
     if unknown:

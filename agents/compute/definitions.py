@@ -49,7 +49,7 @@ def parse_trait(raw: Any) -> TraitDefinition:
     """A trait definition from its JSON/YAML form; raises ConfigError naming the first problem."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a trait definition is an object, not {raw!r:.100}")
-    check_limits(raw, "a trait definition")
+    check_depth(raw, "a trait definition")
     key = check_key(raw.get("key"), "trait")
     where = f"trait {key!r}"
     unknown = set(raw) - KEYS
@@ -71,11 +71,20 @@ def parse_trait(raw: Any) -> TraitDefinition:
     return TraitDefinition(key, kind, event, prop if kind != "count" else None, window_ms, condition)
 
 
-def check_limits(raw: Any, what: str) -> None:
-    """ConfigError naming the limit a definition is over: its size, its nesting or one of its lists. Checked before
-    anything walks it, so no definition can exhaust the stack or the memory of a worker."""
+def check_depth(raw: Any, what: str) -> None:
+    """ConfigError if a definition nests deeper than MAX_DEFINITION_DEPTH: checked before anything walks it, so no
+    definition (even one already on the topic) can exhaust a worker's stack."""
     if json_depth(raw, MAX_DEFINITION_DEPTH) > MAX_DEFINITION_DEPTH:
         raise ConfigError(f"{what} nests deeper than {MAX_DEFINITION_DEPTH} levels of objects and arrays; that is the limit")
+
+
+def check_new(kind: str, raw: Any) -> None:
+    """What a *new* definition (the config file, an HTTP POST) must meet beyond being valid: at most 64 KB of JSON,
+    no list of more than 1,000 items, windows written as duration strings of at most ten years. Definitions already
+    on the topic are read as they were accepted (a number of seconds was a window then), so an upgrade changes none.
+    """
+    what = f"a {kind} definition"
+    check_depth(raw, what)
     pending = [raw]
     while pending:
         node = pending.pop()
@@ -91,20 +100,27 @@ def check_limits(raw: Any, what: str) -> None:
         raise ConfigError(f"{what} is not JSON: {exc}") from None
     if size > MAX_DEFINITION_BYTES:
         raise ConfigError(f"{what} is {size} bytes of JSON; the limit is {MAX_DEFINITION_BYTES}")
+    windows = [("bad window", raw.get("window"))] if kind == "trait" and isinstance(raw, Mapping) else []
+    if kind == "audience" and isinstance(raw, Mapping):
+        windows = [("within", leaf.get("within")) for _, leaf in leaves(raw.get("when"), "when") if isinstance(leaf, Mapping)]
+    for name, window in windows:
+        if window is None:
+            continue
+        if not isinstance(window, str):
+            raise ConfigError(f"{what}: {name}: bad duration {window!r:.40} (write it as a string like 90s, 5m, 2h or 30d)")
+        if parse_window(window, name) > MAX_WINDOW_MS:
+            raise ConfigError(f"{what}: {name}: must be at most {format_duration_ms(MAX_WINDOW_MS)} (ten years), not {window!r:.40}")
 
 
 def parse_window(value: Any, where: str) -> int:
-    """A window (`window`, `within`) in ms: a duration string from 1s to ten years."""
+    """A window (`window`, `within`) in ms, at least 1s: a duration string, or (as definitions were once written)
+    a number of seconds."""
     try:
-        if not isinstance(value, str):
-            raise ValueError("not a string")
         window_ms = parse_duration_ms(value)
-    except ValueError:
+    except (ValueError, TypeError):
         raise ConfigError(f"{where}: bad duration {value!r:.40} (write it as a string like 90s, 5m, 2h or 30d)") from None
     if window_ms < 1_000:
         raise ConfigError(f"{where}: must be at least 1s, not {value!r}")
-    if window_ms > MAX_WINDOW_MS:
-        raise ConfigError(f"{where}: must be at most {format_duration_ms(MAX_WINDOW_MS)} (ten years), not {value!r:.40}")
     return window_ms
 
 

@@ -42,12 +42,14 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from agents.compute import traits as trait_state
 from agents.compute.catalog import evaluate
 from agents.compute.commands import check_command, check_merge
 from agents.compute.generations import Live
 from agents.errors import InvalidRecord, Waiting
-from agents.state import Overlay, State
+from agents.state import Overlay, State, check_sizes
 
 Record = dict[str, Any]
 Command = dict[str, Any]
@@ -80,7 +82,8 @@ class Cause:
 
 
 def due_key(at: int, profile_id: str) -> str:
-    return f"x|{at:015d}|{profile_id}"
+    """Sorted by time as text: 15 digits (a due time beyond the year 33658, from a window that long, is put there)."""
+    return f"x|{min(max(at, 0), 10**15 - 1):015d}|{profile_id}"
 
 
 def member_key(audience: str, profile_id: str) -> str:
@@ -102,10 +105,12 @@ def pending(state: State) -> frozenset[str]:
 class ComputeEngine:
     """Applies inputs to one partition's state; `live` is read at each call, so definitions change live."""
 
-    def __init__(self, live: Callable[[], Live], exists: Callable[[int], bool] = lambda position: True) -> None:
+    def __init__(self, live: Callable[[], Live], exists: Callable[[int], bool] = lambda position: True,
+                 max_record_bytes: int | None = None) -> None:  # fmt: skip
         """`exists(position)`: whether the definitions topic reaches `position` (a command naming one beyond its
-        end could never be waited for)."""
-        self._live, self._exists = live, exists
+        end could never be waited for). `max_record_bytes`: no step may make a state record or a change larger
+        (`fits`)."""
+        self._live, self._exists, self.max_record_bytes = live, exists, max_record_bytes
 
     # -- inputs ------------------------------------------------------------------------------------------------
 
@@ -134,6 +139,7 @@ class ComputeEngine:
         try:
             check_command(command)
             self.command(command, attempt, attempt_out, now)
+            self.fits(attempt, attempt_out)
         except Waiting:
             raise
         except Exception as exc:  # a bad command (or a bug it hits) costs that command, never the partition
@@ -141,6 +147,16 @@ class ComputeEngine:
             return
         attempt.commit()
         out.extend(attempt_out)
+
+    def fits(self, step: Overlay, out: Changes) -> None:
+        """InvalidRecord if a step's state records or trait changes (old and new value) outgrow `max_record_bytes`:
+        refused, the step costs itself rather than stalling its partition."""
+        check_sizes(step, self.max_record_bytes)
+        if self.max_record_bytes is not None:
+            for change in out.traits:
+                if len(orjson.dumps(change)) > self.max_record_bytes:
+                    raise InvalidRecord(f"the change of {change['trait']!r} of {change['profile_id']} would be over "
+                                        f"{self.max_record_bytes} bytes")  # fmt: skip
 
     def command(self, command: Command, state: State, out: Changes, now: int) -> None:
         """A checked command from another partition. It says which definitions its sender had (`feed`, a position in

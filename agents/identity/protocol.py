@@ -57,7 +57,7 @@ from agents.events import MergeLogEntry, RawEvent
 from agents.identity.commands import check_command
 from agents.identity.identifiers import extract
 from agents.identity.rules import IdentityRules
-from agents.state import Overlay, State
+from agents.state import Overlay, State, check_sizes
 
 Command = dict[str, Any]
 Record = dict[str, Any]
@@ -130,8 +130,10 @@ def event_command(event: RawEvent) -> Command:
 class IdentityProtocol:
     """The handlers; `handle` applies one command to the owner's state and collects what it causes."""
 
-    def __init__(self, rules: IdentityRules) -> None:
-        self.rules = rules
+    def __init__(self, rules: IdentityRules, max_record_bytes: int | None = None) -> None:
+        """`max_record_bytes`: no command may make a state record larger (agents.state.check_sizes); one that would
+        fails, and is settled, like any other."""
+        self.rules, self.max_record_bytes = rules, max_record_bytes
 
     def apply(self, command: Command, state: State, out: Outputs) -> None:
         """Check and handle one command, all or nothing; never raises. A command that is malformed or fails is
@@ -140,6 +142,7 @@ class IdentityProtocol:
         try:
             check_command(command)
             self.handle(command, attempt, attempt_out)
+            check_sizes(attempt, self.max_record_bytes)
         except Exception as exc:  # a bad command (or a bug it hits) costs that command, never the partition
             out.failed.append((command, exc))
             self._settle_failed(command, exc, state, out)
@@ -438,6 +441,8 @@ class IdentityProtocol:
         elif kind == "create" and _text(command, "profile"):
             self._create_anyway(command, state, out)
         elif kind == "join" and message_id and _text(command, "request"):
+            memo = {"accepted": False, "root": None, "rule": rule, "entry": None}
+            state.put(f"d|{command['request']}", memo)  # decided: a copy delivered again gets the same answer
             out.send(message_id, {"kind": "joined", "request": command["request"], "message_id": message_id,
                                   "accepted": False, "root": None, "rule": rule})  # fmt: skip
         elif kind == "offer" and _text(command, "young") and _text(command, "request"):
@@ -445,8 +450,9 @@ class IdentityProtocol:
             entry = _entry("refused", old, young, [], message_id, _whole(command, "at"), rule) if old and message_id else None
             if entry is not None:
                 out.log.append(entry)
-            out.send(young, {"kind": "offered", "request": command["request"], "message_id": message_id, "young": young,
-                             "accepted": False, "root": old or None, "rule": rule, "entry": entry})  # fmt: skip
+            memo = {"accepted": False, "root": old or None, "rule": rule, "entry": entry}
+            state.put(f"d|{command['request']}", memo)  # decided here: a copy delivered again is refused the same
+            out.send(young, {"kind": "offered", "request": command["request"], "message_id": message_id, "young": young, **memo})
         elif kind == "offered" and _text(command, "young") and _text(command, "request"):
             self._free(command, rule, state, out)
 

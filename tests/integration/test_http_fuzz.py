@@ -28,7 +28,8 @@ ADMIN = "fuzz-admin"
 SEED = int(os.environ.get("CDP_FUZZ_SEED", "9"))
 REQUESTS = int(os.environ.get("CDP_FUZZ_REQUESTS", "5000"))
 WEIRD = ["", "0", "-1", "1e3", "0x1", "%00", "%2F", "..", "abc", "99999999999999999999", "١", "é", "ключ", "\u202e",
-         "a" * 300, "%ED%A0%80", "%FF", "p-000000000000001-aaaa", "traits.plan", "~x", " ", "a b", "null", "true"]  # fmt: skip
+         "a" * 300, "%ED%A0%80", "%FF", "p-000000000000001-aaaa", "traits.plan", "~x", " ", "a b", "null", "true",
+         "1" * 5_000, "0:" + "7" * 5_000]  # fmt: skip  (int() refuses more than 4,300 digits)
 CALLS = ["track", "identify", "page", "screen", "group", "alias"]
 INGEST_PATHS = ["/v1/{call}", "/v1/{call}", "/v1/{call}", "/v1/batch", "/v1/b", "/v1/import", "/v1/t", "/v1/i",
                 "/v1/projects/{w}/settings", "/health", "/metrics", "/v1/{w}", "/{w}", "/"]  # fmt: skip
@@ -164,7 +165,7 @@ class Fuzzer:
         elif auth < 0.7:
             headers["Authorization"] = rng.choice(["Bearer ключ".encode(), "Bearer wrong", "Basic x"])
         if rng.random() < 0.1:
-            headers["X-CDP-Hops"] = rng.choice(["abc", "-1", "8", "9", "", "1"])
+            headers["X-CDP-Hops"] = rng.choice(["abc", "-1", "8", "9", "", "1", "1" * 5_000])
         if rng.random() < 0.05:
             headers["X-Forwarded-For"] = rng.choice(["", ",,,", "ключ".encode(), "1.2.3.4, 5.6.7.8"])
         data = b""

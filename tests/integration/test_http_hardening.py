@@ -121,7 +121,7 @@ def _basic() -> str:
 
 # -- the worker --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("partition", ["abc", "1e3", "0x1", "%00", "-1", "4", "99999999999999999999999"])
+@pytest.mark.parametrize("partition", ["abc", "1e3", "0x1", "%00", "-1", "4", "99999999999999999999999", "1" * 5_000])
 def test_internal_views_refuse_a_partition_that_is_no_partition(running: Pipeline, partition: str) -> None:
     for path in ("sizes", "backfills", "members/all"):
         body = error_json(worker(running, f"/v1/internal/compute/{path}/{partition}"), 400)
@@ -129,6 +129,7 @@ def test_internal_views_refuse_a_partition_that_is_no_partition(running: Pipelin
 
 
 def test_limits_are_checked_and_large_ones_cut_to_the_maximum(running: Pipeline) -> None:
+    error_json(worker(running, f"/v1/audiences/all/members?cursor={'7' * 5_000}:"), 400)
     for limit in ("abc", "-1", "0", "1.5"):
         error_json(worker(running, f"/v1/internal/compute/members/all/0?limit={limit}"), 400)
         error_json(worker(running, f"/v1/audiences/all/members?limit={limit}"), 400)
@@ -137,7 +138,7 @@ def test_limits_are_checked_and_large_ones_cut_to_the_maximum(running: Pipeline)
 
 
 def test_a_hops_header_that_is_no_number_is_a_400(running: Pipeline) -> None:
-    for value in ("abc", "-1", "1000"):
+    for value in ("abc", "-1", "1000", "1" * 5_000):
         body = error_json(worker(running, "/v1/audiences", headers={"X-CDP-Hops": value}), 400)
         assert "X-CDP-Hops" in body["error"]
     assert worker(running, "/v1/audiences", headers={"X-CDP-Hops": "1"}).status_code == 200
@@ -148,6 +149,15 @@ def test_paths_and_methods_the_worker_does_not_serve_answer_json(running: Pipeli
     error_json(requests.delete(f"http://127.0.0.1:{running.web_port}/v1/audiences", timeout=10), 405)
     error_json(worker(running, "/v1/definitions/nope"), 404)
     error_json(worker(running, "/v1/profiles/%ED%A0%80"), 404)  # not UTF-8: kept as written, and nobody's id
+
+
+def test_requests_the_http_parser_refuses_are_answered_in_json_too(running: Pipeline) -> None:
+    for base in (running.url, f"http://127.0.0.1:{running.web_port}"):
+        assert "8190 bytes" in error_json(requests.get(f"{base}/v1/{'x' * 10_000}", timeout=10), 400)["error"]
+    with socket.create_connection(("127.0.0.1", running.ingest_port), timeout=5) as conn:
+        conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        answer = conn.recv(4096)
+    assert answer.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")) and b"application/json" in answer and b'{"error":' in answer, answer
 
 
 def test_a_token_of_any_characters_is_refused_before_anything_else(running: Pipeline) -> None:

@@ -146,7 +146,7 @@ def test_the_definitions_feed_skips_records_that_are_no_definitions_and_takes_th
     key = f"late{writer.run}"
     definition = {"kind": "trait", "key": key, "version": 1, "updated_at": now, "deleted": False}
     skipped = _skipped(worker)
-    writer.write("definitions", 0, f"trait:{key}", [b"garbage", encode("definition", {**definition, "body": {"key": key, "kind": "count", "window": 5}}),
+    writer.write("definitions", 0, f"trait:{key}", [b"garbage", encode("definition", {**definition, "body": {"key": key, "kind": "count", "window": "soon"}}),
                                                    encode("definition", {**definition, "body": {"key": "other", "kind": "count"}})])  # fmt: skip
     writer.write("definitions", 0, f"trait:{key}", [encode("definition", {**definition, "version": 2, "body": {"key": key, "kind": "count"}})])
 

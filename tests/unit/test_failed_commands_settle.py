@@ -16,6 +16,7 @@ import os
 import random
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -115,3 +116,20 @@ def test_without_faults_the_settled_path_is_never_taken() -> None:
                               3, 7, 0.0, 0.0, 0.0)  # fmt: skip
     assert cluster.failures == 0 and not cluster.dead and cluster.groups() == union_find(
         [[("user_id", "u1"), ("anonymous_id", "a1")], [("anonymous_id", "a1"), ("email", "e1")]])
+
+
+def test_a_command_that_would_outgrow_a_state_record_is_settled_like_any_failure() -> None:
+    """A hub profile without limits grows with every merge; once a merge would make its record larger than records
+    may be, that offer fails and is settled (refused: the younger profile unlocks, the saga goes on) instead of the
+    whole batch record being dead-lettered with nobody told."""
+    protocol = FaultyProtocol(random.Random(1), 0.0)
+    protocol.max_record_bytes = 4_000
+    cluster = StageCluster(protocol, 3, 1, 0.0, 0.0)
+    sent = [cluster.send([("anonymous_id", "hub"), ("anonymous_id", f"spoke-{n:03d}-{'x' * 40}")]) for n in range(80)]
+    cluster.run()
+    cluster.assert_quiet()
+    assert cluster.failures > 0 and protocol.failed_kinds <= {"offer", "join", "create", "claimed", "joined", "offered", "claim"}
+    assert all(len(set(cluster.resolved[m])) == 1 for m in sent) and not cluster.dead
+    assert max(len(orjson.dumps(r)) for s in cluster.states for r in s.values()) <= 4_000
+    refused = [e for e in cluster.log if e["kind"] == "refused" and e["rule"].startswith("failed: InvalidRecord")]
+    assert refused, "the merges that would not fit are in the merge log, refused, with the reason"

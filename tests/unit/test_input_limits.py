@@ -11,11 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agents.checks import json_depth
-from agents.compute.catalog import build_catalog, parse_audience
+from agents.compute.catalog import Catalog, build_catalog, parse_audience
 from agents.compute.definitions import MAX_DEFINITION_BYTES, MAX_LIST_ITEMS, parse_trait
 from agents.durations import parse_duration_ms
 from agents.errors import ConfigError, InvalidMessage
 from agents.ingest.tracking import MAX_JSON_DEPTH, batch_to_raw_events, to_raw_event
+from topology.config import Settings
 from topology.http_common import HttpError, same_secret
 from topology.worker_web import hops, limit_param, partition_param
 
@@ -68,17 +69,30 @@ def test_a_batch_context_nested_too_deep_is_refused_for_the_whole_batch() -> Non
     assert events == [] and problems and problems[0].index is None and "levels" in problems[0].reason
 
 
+NEW = Catalog.empty()  # what a POST or the config file adds to
+
+
 @pytest.mark.parametrize("window", [5, 5.0, True, ["1d"], {"d": 1}, "99999999999d", "3651d", "9" * 1_000 + "d", "0.5s", "soon"])
-def test_a_window_is_a_duration_string_from_one_second_to_ten_years(window: Any) -> None:
+def test_a_new_window_is_a_duration_string_from_one_second_to_ten_years(window: Any) -> None:
     with pytest.raises(ConfigError, match="window"):
-        parse_trait({"key": "t", "kind": "count", "window": window})
+        NEW.with_definition("trait", {"key": "t", "kind": "count", "window": window})
     with pytest.raises(ConfigError, match="within"):
-        parse_audience({"key": "a", "when": {"event": "E", "within": window}})
+        NEW.with_definition("audience", {"key": "a", "when": {"event": "E", "within": window}})
+    with pytest.raises(ConfigError, match="window"):
+        Settings.from_mapping({"traits": [{"key": "t", "kind": "count", "window": window}]})
 
 
 def test_windows_within_the_bounds_are_taken() -> None:
-    assert parse_trait({"key": "t", "kind": "count", "window": "3650d"}).window_ms == 3_650 * 86_400_000
-    assert parse_trait({"key": "t", "kind": "count", "window": "1s"}).window_ms == 1_000
+    assert NEW.with_definition("trait", {"key": "t", "kind": "count", "window": "3650d"}).traits["t"].window_ms == 3_650 * 86_400_000
+    assert NEW.with_definition("trait", {"key": "t", "kind": "count", "window": "1s"}).traits["t"].window_ms == 1_000
+
+
+def test_definitions_already_on_the_topic_keep_meaning_what_they_meant() -> None:
+    """A number of seconds was a window before this version: stored definitions still read so, unchanged (same
+    body, so the same generation: an upgrade recomputes nothing)."""
+    assert parse_trait({"key": "t", "kind": "count", "window": 86_400}).window_ms == 86_400_000
+    assert parse_audience({"key": "a", "when": {"event": "E", "within": 60}}).key == "a"
+    assert parse_trait({"key": "t", "kind": "count", "where": {"property": "p", "in": list(range(5_000))}}).key == "t"
 
 
 def test_a_duration_too_long_for_a_long_is_a_value_error_not_an_overflow() -> None:
@@ -92,9 +106,9 @@ def test_a_duration_too_long_for_a_long_is_a_value_error_not_an_overflow() -> No
     ({"key": "t", "kind": "count", "where": {"property": "p", "eq": list(range(40_000))}}, "list of 40000 items"),
     ({"key": "t", "kind": "count", "where": nested(100, {"property": "p", "eq": 1})}, "nests deeper than 64"),
 ])  # fmt: skip
-def test_trait_definitions_over_a_limit_are_refused_naming_it(definition: dict[str, Any], limit: str) -> None:
+def test_new_trait_definitions_over_a_limit_are_refused_naming_it(definition: dict[str, Any], limit: str) -> None:
     with pytest.raises(ConfigError, match=limit):
-        parse_trait(definition)
+        NEW.with_definition("trait", definition)
 
 
 def test_an_audience_nested_10_000_levels_is_refused_before_anything_walks_it() -> None:
@@ -110,7 +124,7 @@ def test_partition_parameters_name_a_partition_that_exists(text: str, expected: 
     assert partition_param(text, 4) == expected
 
 
-@pytest.mark.parametrize("text", ["abc", "1e3", "0x1", "\x00", "-1", "4", "", " 1", "١", "99999999999999999999"])
+@pytest.mark.parametrize("text", ["abc", "1e3", "0x1", "\x00", "-1", "4", "", " 1", "١", "99999999999999999999", "1" * 5_000])
 def test_other_partition_parameters_are_a_400(text: str) -> None:
     with pytest.raises(HttpError) as info:
         partition_param(text, 4)
@@ -122,19 +136,19 @@ class _Request:
         self.query, self.headers = query or {}, headers or {}
 
 
-@pytest.mark.parametrize("text, expected", [(None, 100), ("1", 1), ("250", 250), ("1000", 1000), ("10000000", 1000)])
+@pytest.mark.parametrize("text, expected", [(None, 100), ("1", 1), ("250", 250), ("1000", 1000), ("10000000", 1000), ("9" * 5_000, 1000)])
 def test_a_limit_is_a_positive_whole_number_and_large_ones_are_cut(text: str | None, expected: int) -> None:
     assert limit_param(_Request({} if text is None else {"limit": text})) == expected
 
 
-@pytest.mark.parametrize("text", ["-1", "0", "abc", "1.5", "", "²"])
+@pytest.mark.parametrize("text", ["-1", "0", "abc", "1.5", "", "²", "0" * 5_000])
 def test_other_limits_are_a_400(text: str) -> None:
     with pytest.raises(HttpError) as info:
         limit_param(_Request({"limit": text}))
     assert info.value.status == 400 and "limit" in info.value.body["error"]
 
 
-@pytest.mark.parametrize("text", ["abc", "-1", "9", "1e3", "０"])
+@pytest.mark.parametrize("text", ["abc", "-1", "9", "1e3", "０", "1" * 5_000])
 def test_a_hops_header_that_is_no_small_number_is_a_400(text: str) -> None:
     with pytest.raises(HttpError) as info:
         hops(_Request(headers={"X-CDP-Hops": text}))

@@ -184,6 +184,29 @@ def test_sums_stay_numbers_the_state_can_hold() -> None:
     asyncio.run(scenario())
 
 
+def test_an_event_that_would_outgrow_its_profile_record_is_dead_lettered_and_the_rest_goes_on() -> None:
+    """A unique_list of 30 KB values keeps growing the profile's record; the event that would take it past what a
+    Kafka record holds is refused alone (its partition would otherwise stall for good), later ones go on."""
+    traits = [*TRAITS, {"key": "blobs", "kind": "unique_list", "property": "blob"}]
+
+    async def scenario() -> None:
+        with tempfile.TemporaryDirectory() as root:
+            run = stage_harness.compute(Path(root), traits, now_s=NOW_S)
+            for n in range(40):
+                event = raw_event(message_id=f"blob{n}", properties={"blob": f"{n:05d}" + "x" * 30_000})
+                run.write(run.stage.topics.resolved, b"k", encode("resolved_event", {"profile_id": PROFILES[2], "identifiers": [], "event": event}))
+            event = raw_event(message_id="after", event="Order Completed", properties={"revenue": 1})
+            run.write(run.stage.topics.resolved, b"k", encode("resolved_event", {"profile_id": PROFILES[3], "identifiers": [], "event": event}))
+            run.run()
+            letters = run.dead_letters
+            assert letters and all("bytes" in letter["reason"] and letter["offset"] >= 10 for letter in letters)
+            assert len(run.store.raw(f"p|{PROFILES[2]}") or b"") <= 900_000
+            assert run.store.get(f"p|{PROFILES[3]}")["v"]["orders"] == 1  # type: ignore[index]
+            run.close()
+
+    asyncio.run(scenario())
+
+
 def test_events_from_the_ends_of_time_count_and_the_clock_goes_on() -> None:
     """Timestamps at ±2^62 are taken within [0, now]: counted, never a bucket or due time out of range."""
 
@@ -226,6 +249,21 @@ def test_dedup_passes_the_good_events_whatever_poison_comes_between(bad: list[by
         store.close()
 
 
+def test_dedup_refuses_a_record_too_large_to_pass_on() -> None:
+    """Dedup passes accepted bytes on as they are: one larger than a record of ours may be would be refused by Kafka
+    on every retry, for ever; it is dead-lettered (cut to what a dead letter holds) instead."""
+    with tempfile.TemporaryDirectory() as root:
+        stage = DedupStage(accepted_topic="t.events.accepted", raw_topic="t.events.raw", dead_letter_topic=stage_harness.DEAD_LETTER,
+                           codec=CODECS["raw_event"], dead_letter_codec=CODECS["dead_letter"], window_ms=86_400_000,
+                           store_dir=Path(root), bootstrap="unused:0", producer=stage_harness._no_kafka)  # fmt: skip
+        store = SeenStore(Path(root) / "seen")
+        big = encode("raw_event", raw_event("big", properties={"blob": "x" * 950_000}))
+        events = [stage_harness.Event(stage_harness.Message("t.events.accepted", 0, 0, b"big", big))]
+        out, _, _ = stage.decide(0, store, events, now_ms=T0)
+        assert [r.topic for r in out] == [stage_harness.DEAD_LETTER] and len(out[0].value or b"") < 900_000
+        store.close()
+
+
 # -- definitions ------------------------------------------------------------------------------------------------
 
 @FAST
@@ -242,7 +280,7 @@ def test_the_definitions_feed_skips_what_is_not_a_definition_and_takes_the_rest(
 def test_a_definition_that_is_wrong_on_its_own_is_skipped_and_counted_not_parked() -> None:
     feed = DefinitionsFeed(bootstrap="unused:0", topic="t.definitions", codec=CODECS["definition"], traits=[], audiences=[])
     record = {"kind": "trait", "key": "w", "version": 1, "updated_at": T0, "deleted": False}
-    feed._take(encode("definition", {**record, "body": {"key": "w", "kind": "count", "window": 5}}))
+    feed._take(encode("definition", {**record, "body": {"key": "w", "kind": "count", "window": "soon"}}))
     feed._take(b"\x00\x01garbage")
     assert feed.skipped == 2 and feed.held("trait") == [] and not feed._parked
 
@@ -254,3 +292,8 @@ def test_a_dead_letter_names_the_error_of_any_exception_and_stays_bounded() -> N
     assert letter["error"] == "KeyError" and letter["reason"].startswith("t.in[3]@7: KeyError(") and len(letter["reason"]) < 2_100
     assert (letter["topic"], letter["partition"], letter["offset"], letter["key"], letter["value"]) == ("t.in", 3, 7, b"k", b"v")
     assert orjson.dumps(letter["stage"]) == b'"identity"'
+    huge = letters.record(ValueError("x"), topic="t.in", partition=0, offset=1, key=b"k" * 500_000, value=b"v" * 1_010_000)
+    assert len(huge.value or b"") < 900_000, "a dead letter fits a Kafka record, whatever it copies"
+    cut = CODECS["dead_letter"].decode(huge.value)  # type: ignore[arg-type]
+    assert "value of 1010000 bytes cut" in cut["reason"] and "key of 500000 bytes cut" in cut["reason"]
+    assert cut["value"] == b"v" * 400_000
