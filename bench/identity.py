@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupState, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, OFFSET_BEGINNING, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from agents.events import RawEvent
@@ -272,7 +272,13 @@ def wait_group_stable(settings: Settings, members: int, timeout: float = 120) ->
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        description = admin.describe_consumer_groups([group])[group].result()
+        try:
+            description = admin.describe_consumer_groups([group])[group].result()
+        except KafkaException as exc:  # a new group's coordinator may still be loading: ask again
+            if not exc.args[0].retriable():
+                raise
+            time.sleep(0.5)
+            continue
         assigned = [m for m in description.members if m.assignment and m.assignment.topic_partitions]
         if description.state == ConsumerGroupState.STABLE and len(description.members) == members == len(assigned):
             return

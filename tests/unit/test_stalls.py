@@ -44,3 +44,4 @@ def test_a_partition_that_moved_away_is_let_go() -> None:
 
     assert asyncio.run(until_done(health, 0, work, still_wanted=lambda: wanted.pop(0))) is False
     assert health.blocked == {}
+
