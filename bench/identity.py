@@ -40,7 +40,7 @@ from agents.identity.rules import IdentityRules
 from bench.common import produce_all, Bench, bench_pipeline, consume_produce_floor, cpu_seconds, wait_healthy, write_report
 from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import Settings
-from topology.partitioned_stage import partition_for
+from topology.partitioning import partition_for
 from topology.kafka_local import free_ports
 from topology.topics import EVENTS_DEAD_LETTER, EVENTS_RAW, EVENTS_RESOLVED, IDENTITY_MERGES
 

@@ -23,8 +23,9 @@ from agents.identity.protocol import IdentityProtocol, Outputs, Resolved, event_
 from topology.codecs import AvroCodec
 from topology.dead_letters import DeadLetters
 from topology.partitioned_stage import (
-    Failure, Output, PartitionedStage, StageIO, command_bytes, command_records, commands_of, partition_for,
+    Failure, Output, PartitionedStage, StageIO, command_bytes, command_records, commands_of,
 )  # fmt: skip
+from topology.partitioning import partition_for
 from topology.producer import AsyncProducer, Record
 from topology.state_store import Transaction
 

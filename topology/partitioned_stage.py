@@ -23,9 +23,7 @@ nothing is lost, nothing is decided twice, and read_committed readers of the ato
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import struct
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterable, Callable, Mapping, Sequence
@@ -41,6 +39,7 @@ from agents.state import Overlay, check_sizes
 from topology.codecs import AvroCodec
 from topology.dead_letters import DeadLetters
 from topology.partition_reader import catch_up_consumer, read_chunks
+from topology.partitioning import key_partition, partition_for
 from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.stalls import PartitionHealth, until_done
 from topology.state_store import StateStore, Transaction
@@ -53,41 +52,6 @@ OUTBOX_CHUNK_BYTES = 256_000  # records stay far below Kafka's 1 MB default mess
 CATCH_UP_CHUNK = 20_000
 STALE_AFTER_MS = 20 * 3_600_000  # under the changelog's delete.retention.ms (Kafka's default: 24 h)
 RETRIED = (Waiting, DeliveryFailed, KafkaException)  # what retries a batch; anything else costs one record
-
-
-def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 (its default partitioner's hash, as aiokafka's `murmur2`, which it equals for every input:
-    tests/unit/test_partitioning.py), a word at a time: twice as fast as aiokafka's byte-by-byte version."""
-    m, length = 0x5BD1E995, len(data)
-    h = (0x9747B28C ^ length) & 0xFFFFFFFF
-    words = length >> 2
-    for k in struct.unpack_from(f"<{words}I", data):
-        k = (k * m) & 0xFFFFFFFF
-        k = ((k ^ (k >> 24)) * m) & 0xFFFFFFFF
-        h = ((h * m) & 0xFFFFFFFF) ^ k
-    extra = length & 3
-    if extra:
-        if extra == 3:
-            h ^= data[-1] << 16
-        if extra >= 2:
-            h ^= data[words * 4 + 1] << 8
-        h = ((h ^ data[words * 4]) * m) & 0xFFFFFFFF
-    h = ((h ^ (h >> 13)) * m) & 0xFFFFFFFF
-    return h ^ (h >> 15)
-
-
-@functools.lru_cache(maxsize=262_144)
-def partition_for(key: str, partitions: int) -> int:
-    """The partition Kafka's default partitioner (murmur2, as Faust's and ours) gives a raw string key.
-
-    Cached: murmur2 is pure Python, and keys repeat."""
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
-
-
-@functools.lru_cache(maxsize=262_144)
-def key_partition(key: bytes, partitions: int) -> int:
-    """`partition_for` of a key as it came off the wire."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def command_records(keyed: Sequence[tuple[str, dict[str, Any]]], topic: str, codec: AvroCodec, partitions: int) -> list[Record]:

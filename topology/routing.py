@@ -13,7 +13,8 @@ from typing import Any
 
 import aiohttp
 
-from topology.partitioned_stage import PartitionedStage, partition_for
+from topology.partitioned_stage import PartitionedStage
+from topology.partitioning import partition_for
 from topology.state_store import StateStore
 
 HOPS_HEADER = "X-CDP-Hops"

@@ -32,14 +32,11 @@ stage may re-send its outbox after a SIGKILL. Ids are deterministic: a profile's
 created it, a join request's id from the event and step.
 
 Why a bad command can't leave anyone waiting: `apply` checks a command (agents/identity/commands.py) and handles
-it all or nothing; one that is malformed or fails (a bug, a record no version of us wrote) is reported in
-`Outputs.failed` for the dead-letter topic, and `_settle` then does what its waiters need, from the fields it
-can still read: a failed claim answers its saga that the identifier is left out; a failed join or offer is
-refused (the younger profile unlocks, the saga demotes the identifier); a failed create makes the profile exist
-anyway (without identifiers), so what is queued there goes on; a failed `offered` frees the younger profile as
-the older decided; a failed answer to a saga (`claimed`, `joined`) finishes the saga with what it has linked so
-far, demoting the rest. Demotions and refusals name the rule `failed: <error>`. Queued commands are drained
-through `apply` too, so one of them failing can't undo the command that frees them.
+it all or nothing; one that is malformed or fails (a bug, a record no version of us wrote, a state record it would
+grow past `max_record_bytes`) is reported in `Outputs.failed` for the dead-letter topic, and what it leaves behind
+is settled (agents/identity/settle.py): its waiters get the answer it would have given, refused or left out.
+Queued commands are drained through `apply` too, so one of them failing can't undo the command that frees them.
+Record keys and outputs are in agents/identity/records.py.
 
 Pure: no I/O. The stage (topology/identity_stage.py) feeds commands, keeps `State` in RocksDB with a changelog,
 and writes `Outputs` to Kafka.
@@ -47,87 +44,25 @@ and writes `Outputs` to Kafka.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from agents.errors import InvalidRecord
-from agents.events import MergeLogEntry, RawEvent
+from agents.events import RawEvent
 from agents.identity.commands import check_command
 from agents.identity.identifiers import extract
+from agents.identity.records import (
+    LEFT_OUT, LOG_KEPT, Command, Outputs, Record, Resolved, done_record, event_command, identifier_key,
+    identifier_record, log_entry, profile_id_for, profile_record, saga_record,
+)  # fmt: skip
 from agents.identity.rules import IdentityRules
+from agents.identity.settle import Settling
 from agents.state import Overlay, State, check_sizes
 
-Command = dict[str, Any]
-Record = dict[str, Any]
-LOG_KEPT = 500  # merge-log entries kept on a profile for its web view (the topic has them all)
-RULE_CHARS = 200  # a `failed: <error>` rule is kept on sagas and merge-log entries: bounded
+__all__ = ["IdentityProtocol", "Outputs", "Resolved", "event_command", "identifier_key", "identifier_record",
+           "profile_id_for", "profile_record", "saga_record", "done_record"]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Resolved:
-    """An event with the profile it resolved to."""
-
-    profile_id: str
-    identifiers: list[dict[str, str]]
-    event: RawEvent
-
-
-@dataclass
-class Outputs:
-    """What handling commands produced: commands for other owners, resolved events, merge-log entries; commands that
-    failed (settled, for the dead-letter topic) and the few whose settling failed too (for the log)."""
-
-    commands: list[tuple[str, Command]] = field(default_factory=list)
-    resolved: list[Resolved] = field(default_factory=list)
-    log: list[MergeLogEntry] = field(default_factory=list)
-    failed: list[tuple[Command, BaseException]] = field(default_factory=list)
-    unsettled: list[tuple[Command, BaseException]] = field(default_factory=list)
-
-    def send(self, key: str, command: Command) -> None:
-        self.commands.append((key, command))
-
-    def extend(self, other: Outputs) -> None:
-        self.commands.extend(other.commands)
-        self.resolved.extend(other.resolved)
-        self.log.extend(other.log)
-        self.failed.extend(other.failed)
-        self.unsettled.extend(other.unsettled)
-
-
-def profile_id_for(message_id: str, created_at: int) -> str:
-    """Derived from the creating event, so a replay creates the same id; sorts by creation time, then hash."""
-    return f"p-{min(max(created_at, 0), 10**15 - 1):015d}-{hashlib.sha1(message_id.encode()).hexdigest()[:16]}"
-
-
-def identifier_key(type_: str, value: str) -> str:
-    """The Kafka key (and so the owner partition) of an identifier."""
-    return f"{type_}:{value}"
-
-
-def identifier_record(type_: str, value: str) -> str:
-    return f"i|{type_}|{value}"
-
-
-def profile_record(profile_id: str) -> str:
-    return f"p|{profile_id}"
-
-
-def saga_record(message_id: str) -> str:
-    return f"e|{message_id}"
-
-
-def done_record(message_id: str) -> str:
-    return f"r|{message_id}"
-
-
-def event_command(event: RawEvent) -> Command:
-    """The command an event from cdp.events.raw becomes (its owner is its messageId's partition)."""
-    return {"kind": "event", "event": event}
-
-
-class IdentityProtocol:
+class IdentityProtocol(Settling):
     """The handlers; `handle` applies one command to the owner's state and collects what it causes."""
 
     def __init__(self, rules: IdentityRules, max_record_bytes: int | None = None) -> None:
@@ -282,7 +217,7 @@ class IdentityProtocol:
         out.resolved.append(Resolved(profile_id, identifiers, event))
         state.put(done_record(event["message_id"]), {"p": profile_id, "ids": identifiers})
         for type_, value, rule in saga["demoted"]:
-            out.log.append(_entry("demoted", profile_id, None, [[type_, value]], event["message_id"], saga["at"], rule))
+            out.log.append(log_entry("demoted", profile_id, None, [[type_, value]], event["message_id"], saga["at"], rule))
         state.delete(saga_record(event["message_id"]))
 
     # -- identifiers, at the identifier's owner ---------------------------------------------------------------
@@ -363,7 +298,7 @@ class IdentityProtocol:
         rule = self.rules.broken_rule(record["ids"], summary["ids"], merges, command["at"])
         if rule is None:
             rule = "new identifiers" if attach else "identifier match"
-            entry = _entry("merged", survivor, young, command["link"], command["message_id"], command["at"], rule)
+            entry = log_entry("merged", survivor, young, command["link"], command["message_id"], command["at"], rule)
             held = {(t, v) for t, v, _ in record["ids"]}
             record["ids"] = record["ids"] + [i for i in summary["ids"] if (i[0], i[1]) not in held]
             record["merges"] = merges
@@ -373,7 +308,7 @@ class IdentityProtocol:
                 out.send(identifier_key(type_, value), {"kind": "repoint", "type": type_, "value": value, "profile": survivor})
             memo = {"accepted": True, "root": survivor, "rule": rule, "entry": entry}
         else:
-            entry = _entry("refused", survivor, young, command["link"], command["message_id"], command["at"], rule)
+            entry = log_entry("refused", survivor, young, command["link"], command["message_id"], command["at"], rule)
             record["log"] = (record["log"] + [entry])[-LOG_KEPT:]
             memo = {"accepted": False, "root": survivor, "rule": rule, "entry": entry}
         out.log.append(entry)
@@ -416,100 +351,6 @@ class IdentityProtocol:
         for command in queued:  # in arrival order; one may lock the profile again and queue the rest anew
             self.apply(command, state, out)  # each on its own: one failing can't undo what freed the queue
 
-    # -- settling what a failed command leaves behind -------------------------------------------------------
-
-    def _settle_failed(self, command: Command, error: BaseException, state: State, out: Outputs) -> None:
-        """Run `_settle` all or nothing; if even that fails (the state itself is broken), report it unsettled."""
-        attempt, attempt_out = Overlay(state), Outputs()
-        try:
-            self._settle(command, failed_rule(error), attempt, attempt_out)
-        except Exception as exc:
-            out.unsettled.append((command, exc))
-            return
-        attempt.commit()
-        out.extend(attempt_out)
-
-    def _settle(self, command: Any, rule: str, state: State, out: Outputs) -> None:
-        """Do for the waiters of a failed command what it would have done, as far as its readable fields allow."""
-        if not isinstance(command, dict):
-            return
-        kind, message_id = command.get("kind"), _text(command, "message_id")
-        if kind == "claim" and message_id and _index(command):
-            out.send(message_id, {"kind": "claimed", "message_id": message_id, "index": command["index"], "failed": rule})
-        elif kind in ("claimed", "joined") and message_id:
-            self._abort(message_id, command, rule, state, out)
-        elif kind == "create" and _text(command, "profile"):
-            self._create_anyway(command, state, out)
-        elif kind == "join" and message_id and _text(command, "request"):
-            memo = {"accepted": False, "root": None, "rule": rule, "entry": None}
-            state.put(f"d|{command['request']}", memo)  # decided: a copy delivered again gets the same answer
-            out.send(message_id, {"kind": "joined", "request": command["request"], "message_id": message_id,
-                                  "accepted": False, "root": None, "rule": rule})  # fmt: skip
-        elif kind == "offer" and _text(command, "young") and _text(command, "request"):
-            old, young = _text(command, "old"), command["young"]
-            entry = _entry("refused", old, young, [], message_id, _whole(command, "at"), rule) if old and message_id else None
-            if entry is not None:
-                out.log.append(entry)
-            memo = {"accepted": False, "root": old or None, "rule": rule, "entry": entry}
-            state.put(f"d|{command['request']}", memo)  # decided here: a copy delivered again is refused the same
-            out.send(young, {"kind": "offered", "request": command["request"], "message_id": message_id, "young": young, **memo})
-        elif kind == "offered" and _text(command, "young") and _text(command, "request"):
-            self._free(command, rule, state, out)
-
-    def _abort(self, message_id: str, command: Command, rule: str, state: State, out: Outputs) -> None:
-        """Finish a saga whose own step failed with what it has: the profile it stands on so far, the rest demoted.
-        Only for the answer the saga waits for now (a late duplicate, or a stray, leaves it alone)."""
-        saga = state.get(saga_record(message_id))
-        if saga is None:
-            return
-        if command.get("kind") == "claimed":
-            index = command.get("index")
-            if saga["step"] != 0 or not _index(command) or index >= len(saga["holders"]) or saga["holders"][index] is not None:
-                return
-        elif saga["step"] == 0 or command.get("request") != f"{message_id}#{saga['step']}":
-            return
-        if saga["step"] == 0:  # claims still out: stand on the saga's own profile, which late claims may point at
-            if command.get("kind") == "claimed" and command.get("fresh") is True and _index(command) and command["index"] < len(saga["holders"]):
-                saga["fresh"] = sorted({*saga["fresh"], command["index"]})
-            saga["fresh"] = [i for i in saga["fresh"] if 0 <= i < len(saga["ids"])]
-            saga["holders"] = [saga["pid"] if i in saga["fresh"] else LEFT_OUT for i in range(len(saga["ids"]))]
-            out.send(saga["pid"], {"kind": "create", "profile": saga["pid"], "at": saga["at"],
-                                   "ids": [[*saga["ids"][i], saga["at"]] for i in saga["fresh"]], "message_id": message_id})  # fmt: skip
-            saga["current"] = saga["pid"]
-        linked = {saga["current"], *saga["joined"]}
-        for index in range(saga["step"], len(saga["ids"])):
-            if saga["holders"][index] not in linked:
-                saga["demoted"].append([*saga["ids"][index], rule])
-        self._finish(saga, state, out)
-
-    def _create_anyway(self, command: Command, state: State, out: Outputs) -> None:
-        """A profile whose create failed exists all the same (without identifiers), so what waits for it goes on."""
-        key = profile_record(command["profile"])
-        record = state.get(key)
-        if record is not None and record.get("status") != "expected":
-            return
-        queued = record.get("queue", []) if record is not None else []
-        state.put(key, {"status": "live", "created_at": _whole(command, "at"), "ids": [], "merges": 0, "merged_from": [],
-                        "into": None, "lock": None, "queue": [], "log": []})  # fmt: skip
-        self._drain(key, queued, state, out)
-
-    def _free(self, command: Command, rule: str, state: State, out: Outputs) -> None:
-        """The younger profile of a join whose answer failed: merged if the older took it, else unlocked."""
-        key = profile_record(command["young"])
-        record = state.get(key)
-        if record is None or record.get("lock") != command["request"]:
-            return
-        accepted = command.get("accepted") is True and isinstance(command.get("root"), str) and command["root"] < command["young"]
-        record["lock"] = None
-        if accepted:
-            record.update(status="merged", into=command["root"], ids=[], log=[])
-        queued, record["queue"] = record.get("queue", []), []
-        state.put(key, record)
-        if _text(command, "message_id"):
-            self._answer(command, accepted=accepted, root=command["root"] if accepted else None,  # type: ignore[arg-type]
-                         rule=command["rule"] if accepted and _text(command, "rule") else rule, out=out)
-        self._drain(key, queued, state, out)
-
 
 _HANDLERS = {
     "event": IdentityProtocol._on_event,
@@ -522,41 +363,3 @@ _HANDLERS = {
     "joined": IdentityProtocol._on_joined,
     "repoint": IdentityProtocol._on_repoint,
 }
-
-
-LEFT_OUT = ""  # a saga's holder for an identifier whose claim failed: it links nothing
-
-
-def failed_rule(error: BaseException) -> str:
-    """The rule a settled failure is logged under (saga demotions, refused merges): `failed: <error>`, bounded."""
-    text = f"failed: {type(error).__name__}: {error}"
-    return text if len(text) <= RULE_CHARS else text[: RULE_CHARS - 1] + "…"
-
-
-def _text(command: Command, field: str) -> str | None:
-    value = command.get(field)
-    return value if isinstance(value, str) and value else None
-
-
-def _whole(command: Command, field: str) -> int:
-    value = command.get(field)
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**15 else 0
-
-
-def _index(command: Command) -> bool:
-    value = command.get("index")
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _entry(kind: str, survivor: str, merged: str | None, identifiers: Sequence[Sequence[str]], message_id: str, at: int,
-           rule: str) -> MergeLogEntry:  # fmt: skip
-    unique = list(dict.fromkeys((t, v) for t, v in identifiers))
-    return MergeLogEntry(
-        kind=kind,  # type: ignore[typeddict-item]
-        survivor_profile_id=survivor,
-        merged_profile_id=merged,
-        identifiers=[{"type": t, "value": v} for t, v in unique],
-        message_id=message_id,
-        timestamp=at,
-        rule=rule,
-    )

@@ -20,7 +20,7 @@ from confluent_kafka.admin import AdminClient
 
 from tests.poison import encode, raw_event
 from tests.support import Pipeline, wait_until
-from topology.partitioned_stage import partition_for
+from topology.partitioning import partition_for
 from topology.shutdown import SHUTDOWN_TIMEOUT_S
 
 
