@@ -9,7 +9,7 @@
      │    └── InvalidMessage     a Tracking API message that breaks the spec (HTTP 400)
      ├── OverloadedError      the pipeline can't take more right now (HTTP 429, `retry_after`)
      ├── Waiting              a stage deliberately waits for something (e.g. newer definitions); retried
-     └── DeliveryFailed       Kafka did not acknowledge a write; nothing was promised, the caller may retry
+     └── DeliveryFailed       Kafka (or the schema registry) did not answer; nothing was promised, the caller may retry
 
 What a stage does with an error while it applies an input record (topology/partitioned_stage.py): Waiting and
 DeliveryFailed (Kafka unreachable, a fenced writer) are retried, and the partition shows as waiting or stalled
@@ -70,4 +70,5 @@ class Waiting(CdpError):
 
 
 class DeliveryFailed(CdpError):
-    """Kafka did not acknowledge a write (timeout, broker down); the caller may retry the whole write."""
+    """Kafka did not acknowledge a write (timeout, broker down), or the schema registry did not answer a read; the
+    caller may retry the whole step. Never a record's fault, so never a reason to dead-letter one."""

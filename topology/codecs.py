@@ -34,7 +34,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from agents.errors import BadEventError, ConfigError, UndecodableError
+from agents.errors import BadEventError, ConfigError, DeliveryFailed, UndecodableError
 
 if TYPE_CHECKING:
     from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -215,12 +215,16 @@ class AvroCodec:
         from confluent_kafka.schema_registry.error import SchemaRegistryError
 
         try:
-            schema = json.loads(self._registry.get_schema(schema_id).schema_str or "")
-            writer = _parsed(schema)
+            registered = self._registry.get_schema(schema_id)
         except SchemaRegistryError as exc:
-            if exc.http_status_code != 404:
-                raise  # the registry is unreachable or failing: not this record's fault, don't dead-letter it
-            raise UndecodableError(f"{self.name}: schema id {schema_id} is not in the schema registry") from None
+            if exc.http_status_code == 404:
+                raise UndecodableError(f"{self.name}: schema id {schema_id} is not in the schema registry") from None
+            raise DeliveryFailed(f"the schema registry failed to give schema id {schema_id}: {exc}") from exc
+        except Exception as exc:  # unreachable: not this record's fault, so retried (DeliveryFailed), never dead-lettered
+            raise DeliveryFailed(f"the schema registry did not answer for schema id {schema_id}: {exc}") from exc
+        try:
+            schema = json.loads(registered.schema_str or "")
+            writer = _parsed(schema)
         except (ValueError, TypeError, KeyError) as exc:  # not JSON, or JSON that isn't an Avro schema
             raise UndecodableError(f"{self.name}: schema id {schema_id} is not an Avro schema: {exc}") from None
         same = crc64_avro_fingerprint(schema) == self.fingerprint

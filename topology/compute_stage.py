@@ -44,6 +44,7 @@ from topology.partitioned_stage import (
     Failure, Output, PartitionedStage, StageIO, command_bytes, command_records, commands_of,
 )  # fmt: skip
 from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
+from topology.stalls import RETRIED
 from topology.state_store import StateStore, Transaction
 
 log = logging.getLogger(__name__)
@@ -334,6 +335,8 @@ class ComputeStage(PartitionedStage):
         for offset, value in records:
             try:
                 resolved = self.decode_resolved(value)
+            except RETRIED:
+                raise  # the schema registry away: the chunk is read again, nothing skipped
             except Exception:
                 continue  # dead-lettered when it was read live
             event = resolved["event"]

@@ -37,7 +37,7 @@ from topology.dead_letters import DeadLetters
 from topology.partition_reader import catch_up_consumer, read_chunks
 from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.seen_store import SeenStore
-from topology.stalls import PartitionHealth, until_done
+from topology.stalls import RETRIED, PartitionHealth, until_done
 
 log = logging.getLogger(__name__)
 CATCH_UP_GRACE_MS = 3_600_000  # a store rebuilt from scratch reads this much more than a window of raw
@@ -148,6 +148,8 @@ class DedupStage:
             message = event.message
             try:
                 decoded.append((self.decode(message.value, now_ms + MAX_AHEAD_MS), message.value))
+            except RETRIED:
+                raise
             except Exception as exc:
                 records.append(self.dead_letters.record(exc, topic=message.topic, partition=partition, offset=message.offset,
                                                         key=message.key, value=message.value))  # fmt: skip

@@ -159,6 +159,8 @@ class DefinitionsFeed:
             record = self.codec.decode(value)
             if not record["deleted"]:
                 _check_alone(record)
+        except DeliveryFailed:
+            raise  # the schema registry away: the feed reads the topic again, from its start, in a moment
         except Exception as exc:
             self.skipped += 1
             log.warning("definitions: a record of %s is not a definition; skipped: %s", self.topic, exc)

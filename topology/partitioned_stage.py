@@ -34,14 +34,14 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaException, TopicPartition
 
-from agents.errors import DeliveryFailed, InvalidRecord, Waiting
+from agents.errors import DeliveryFailed, InvalidRecord
 from agents.state import Overlay, check_sizes
 from topology.codecs import AvroCodec
 from topology.dead_letters import DeadLetters
 from topology.partition_reader import catch_up_consumer, read_chunks
 from topology.partitioning import key_partition, partition_for
 from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
-from topology.stalls import PartitionHealth, until_done
+from topology.stalls import RETRIED, PartitionHealth, until_done
 from topology.state_store import StateStore, Transaction
 from topology.transactional import TransactionalWriter
 
@@ -51,7 +51,6 @@ OUTBOX = "o|"  # outbox records: o|0, o|1, ... each at most OUTBOX_CHUNK_BYTES o
 OUTBOX_CHUNK_BYTES = 256_000  # records stay far below Kafka's 1 MB default message size
 CATCH_UP_CHUNK = 20_000
 STALE_AFTER_MS = 20 * 3_600_000  # under the changelog's delete.retention.ms (Kafka's default: 24 h)
-RETRIED = (Waiting, DeliveryFailed, KafkaException)  # what retries a batch; anything else costs one record
 
 
 def command_records(keyed: Sequence[tuple[str, dict[str, Any]]], topic: str, codec: AvroCodec, partitions: int) -> list[Record]:

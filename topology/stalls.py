@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 FIRST_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
 REMIND_EVERY_S = 60.0
+RETRIED = (Waiting, DeliveryFailed, KafkaException)  # what retries a batch; anything else a record raises costs it
 
 
 @dataclass

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agents.errors import DeliveryFailed
 from agents.identity.rules import IdentifierRule, IdentityRules, Limit
 from tests import stage_harness
 from tests.poison import CODECS, FAR, T0, encode, poison, raw_event
@@ -297,3 +299,39 @@ def test_a_dead_letter_names_the_error_of_any_exception_and_stays_bounded() -> N
     cut = CODECS["dead_letter"].decode(huge.value)  # type: ignore[arg-type]
     assert "value of 1010000 bytes cut" in cut["reason"] and "key of 500000 bytes cut" in cut["reason"]
     assert cut["value"] == b"v" * 400_000
+
+
+class _AwayRegistry:
+    """A schema registry that does not answer (or knows no schema 404): not a record's fault, or the record's."""
+
+    def __init__(self, status: int | None) -> None:
+        self.status = status
+
+    def get_schema(self, schema_id: int) -> Any:
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        if self.status is None:
+            raise ConnectionError("registry unreachable")
+        raise SchemaRegistryError(self.status, self.status * 100, "no such schema")
+
+
+def test_a_schema_registry_that_does_not_answer_retries_the_batch_and_dead_letters_nothing() -> None:
+    """A Confluent-framed record whose writer schema can't be fetched is not bad: the batch is retried (DeliveryFailed),
+    never dead-lettered; a schema id the registry says it does not know (404) is the record's fault."""
+    framed = b"\x00\x00\x00\x00\x2a" + b"\x00" * 8
+    with tempfile.TemporaryDirectory() as root:
+        for status, outcome in ((None, DeliveryFailed), (500, DeliveryFailed), (404, None)):
+            codec = AvroCodec("raw_event", SchemaRepository.load())
+            codec._registry = _AwayRegistry(status)  # a reader of Confluent framing, as with CDP_SCHEMA_REGISTRY_URL
+            stage = DedupStage(accepted_topic="t.events.accepted", raw_topic="t.events.raw", dead_letter_topic=stage_harness.DEAD_LETTER,
+                               codec=codec, dead_letter_codec=CODECS["dead_letter"], window_ms=86_400_000,
+                               store_dir=Path(root), bootstrap="unused:0", producer=stage_harness._no_kafka)  # fmt: skip
+            store = SeenStore(Path(root) / f"seen-{status}")
+            events = [stage_harness.Event(stage_harness.Message("t.events.accepted", 0, 0, b"k", framed))]
+            if outcome is None:
+                out, _, _ = stage.decide(0, store, events, now_ms=T0)
+                assert [CODECS["dead_letter"].decode(r.value)["error"] for r in out] == ["UndecodableError"]  # type: ignore[arg-type]
+            else:
+                with pytest.raises(outcome):
+                    stage.decide(0, store, events, now_ms=T0)
+            store.close()
