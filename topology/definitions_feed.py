@@ -8,8 +8,9 @@ The POST answers only once this worker's feed holds the new version (read-your-w
 
 The topic is compacted and re-read from its start at every start, so a bad record there would be met again and
 again: one that does not decode, or whose definition is invalid on its own (not a definition, another key than
-its record's, over a limit), is skipped, logged and counted (`skipped`, on /metrics) — never dead-lettered, never
-allowed to stop the feed. One that is valid but refers to a definition not read yet is parked until it is.
+its record's, nested too deep), is skipped, logged and counted (`skipped`, on /metrics) — never dead-lettered, never
+allowed to stop the feed. One that is valid but refers to a definition not read yet is parked until it is. (The
+size and list limits of new definitions are not applied here: what was accepted once stays readable.)
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ class DefinitionsFeed:
                 raise DeliveryFailed(f"this worker has not read {self.topic} up to offset {end} within {timeout_s:.0f}s")
 
     def _take(self, value: bytes | None) -> None:
-        """Hold (or park) the definition in one record of the topic; never raises (see the module docstring)."""
+        """Hold (or park) the definition in one record of the topic. Raises only DeliveryFailed (the schema registry
+        did not answer: the feed reads the topic again); a bad record is skipped (see the module docstring)."""
         if value is None:
             return  # a Kafka tombstone after a deletion record: the deletion was taken already
         try:
