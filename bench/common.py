@@ -67,6 +67,8 @@ class Bench:
     env: dict[str, str]
     scratch: Path
     local_broker: bool
+    broker_pid: int | None = None  # the local broker's JVM, for its CPU; None on a cluster we did not start
+    broker_logs: Path | None = None  # its log directory, for bytes on disk per topic
 
     def header(self, name: str) -> dict[str, Any]:
         return {
@@ -106,7 +108,8 @@ def bench_pipeline(settings: Settings, extra_config: Mapping[str, Any] | None = 
             env = {**os.environ, "CDP_CONFIG": str(config), "CDP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
                    "CDP_INGEST_PORT": str(settings.ingest_port), "CDP_WEB_PORT": str(settings.web_port),
                    "CDP_DATA_DIR": str(scratch / "data")}  # fmt: skip
-            yield Bench(settings=settings, env=env, scratch=scratch, local_broker=broker is not None)
+            yield Bench(settings=settings, env=env, scratch=scratch, local_broker=broker is not None,
+                        broker_pid=broker.status().pid if broker else None, broker_logs=broker.data_dir / "logs" if broker else None)  # fmt: skip
         finally:
             if broker is not None:
                 broker.stop()

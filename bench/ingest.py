@@ -9,7 +9,6 @@ process and from this process for the floor.
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 import time
@@ -18,9 +17,9 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from agents.ingest.tracking import batch_to_raw_events
+from agents.ingest.tracking import to_raw_event
 from bench.common import WRITE_KEY, Bench, bench_pipeline, cpu_seconds, wait_healthy, write_report
-from bench.load import synthetic_batch
+from bench.traffic import Traffic
 from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import Settings
 from topology.producer import producer_config
@@ -28,14 +27,10 @@ from topology.topics import EVENTS_ACCEPTED
 
 
 def encoded_events(count: int, run: str) -> list[bytes]:
-    """`count` synthetic track calls as the ingest would write them (unique messageIds)."""
+    """`count` distinct calls (bench/traffic.py) as the ingest would write them."""
     codec = AvroCodec("raw_event", SchemaRepository.load())
-    rng = random.Random(1)
-    payloads: list[bytes] = []
-    while len(payloads) < count:
-        raw, _ = batch_to_raw_events(synthetic_batch(100, run, rng), source="bench", received_at=int(time.time() * 1000))
-        payloads.extend(codec.encode(event) for event in raw)
-    return payloads[:count]
+    received = int(time.time() * 1000)
+    return [codec.encode(to_raw_event(call, call_type=None, source="bench", received_at=received)) for call in Traffic(run=run).calls(count)]
 
 
 def floor(settings: Settings, payloads: list[bytes], events: int) -> dict[str, Any]:

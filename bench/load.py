@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import sys
 import time
 import uuid
@@ -17,30 +16,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 
-EVENT_NAMES = ("Order Completed", "Product Viewed", "Signed Up", "Cart Updated", "Checkout Started")
-
-
-def synthetic_batch(size: int, run: str, rng: random.Random) -> dict[str, Any]:
-    """A /v1/batch body of `size` track calls that look like a shop's traffic (~600 bytes each)."""
-    now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
-    batch = [
-        {
-            "type": "track",
-            "messageId": f"{run}-{uuid.uuid4().hex}",
-            "userId": f"user-{rng.randrange(100_000)}",
-            "anonymousId": f"anon-{rng.randrange(1_000_000)}",
-            "event": rng.choice(EVENT_NAMES),
-            "properties": {"order_id": uuid.uuid4().hex[:12], "total": round(rng.uniform(5, 500), 2), "currency": "USD",
-                           "products": [{"sku": f"sku-{rng.randrange(1000)}", "qty": rng.randrange(1, 4)}]},
-            "context": {"library": {"name": "cdp-generate", "version": "1"}, "ip": "10.0.0.1", "locale": "en-US",
-                        "page": {"path": "/checkout", "url": "https://shop.example/checkout"},
-                        "userAgent": "Mozilla/5.0 (X11; Linux x86_64)"},
-            "originalTimestamp": now,
-        }
-        for _ in range(size)
-    ]  # fmt: skip
-    return {"batch": batch, "sentAt": now}
+from bench.traffic import Traffic
 
 
 @dataclass
@@ -76,10 +54,9 @@ class LoadResult:
 
 async def _run(url: str, write_key: str, events: int, batch_size: int, concurrency: int, rate: float) -> LoadResult:
     result = LoadResult()
-    rng = random.Random(7)
-    run = uuid.uuid4().hex[:8]
-    bodies = [json.dumps(synthetic_batch(batch_size, run, rng)).encode() for _ in range(min(64, max(1, events // batch_size)))]
-    todo = max(1, events // batch_size)
+    traffic = Traffic(run=uuid.uuid4().hex[:8])
+    bodies = [orjson.dumps(body) for body in traffic.batches(max(1, events // batch_size) * batch_size, batch_size)]
+    todo = len(bodies)
     auth = aiohttp.BasicAuth(write_key, "")
     interval = batch_size / rate if rate else 0.0
     start = time.perf_counter()
@@ -88,10 +65,10 @@ async def _run(url: str, write_key: str, events: int, batch_size: int, concurren
         nonlocal todo
         while todo > 0:
             todo -= 1
-            sent = result.requests
+            sent = len(bodies) - todo - 1  # each body once: its messageIds are new
             if interval:
                 await asyncio.sleep(max(0.0, start + sent * interval - time.perf_counter()))
-            body = bodies[sent % len(bodies)]
+            body = bodies[sent]
             t0 = time.perf_counter()
             try:
                 async with session.post(f"{url}/v1/batch", data=body, auth=auth, headers={"Content-Type": "application/json"}) as response:
@@ -115,10 +92,8 @@ async def _run(url: str, write_key: str, events: int, batch_size: int, concurren
 
 
 def generate(url: str, write_key: str, *, events: int, batch_size: int = 100, concurrency: int = 8, rate: float = 0) -> LoadResult:
-    """Send about `events` synthetic track calls in /v1/batch requests; `rate` events/s, 0 for flat out.
-
-    messageIds are reused across the pre-built bodies, so repeated bodies also exercise deduplication.
-    """
+    """Send about `events` distinct, realistic calls (bench/traffic.py) in /v1/batch requests; `rate` events/s,
+    0 for flat out."""
     return asyncio.run(_run(url, write_key, events, batch_size, concurrency, rate))
 
 

@@ -172,9 +172,16 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     defaults = {"ingest": 200_000, "dedup": 200_000, "identity": 100_000,  # identity: 6 runs at ~1-2 k events/s (≈ 12 min)
-                "compute": 40_000}  # per definition count (10, 50, 200), plus latency and backfill runs
+                "compute": 40_000,  # per definition count (10, 50, 200), plus latency and backfill runs
+                "pipeline": 60_000}  # per configuration
     events = args.events if args.events is not None else defaults[args.stage]
-    if args.stage == "ingest":
+    if args.stage == "pipeline":
+        from bench.pipeline import run_pipeline_bench
+
+        print(run_pipeline_bench(settings, events=events, configurations=args.configurations.split(","),
+                                 worker_counts=[int(w) for w in args.workers.split(",")], latency_seconds=args.latency_seconds,
+                                 out=args.out))  # fmt: skip
+    elif args.stage == "ingest":
         from bench.ingest import run_ingest_bench
 
         print(run_ingest_bench(settings, events=events, batch_size=args.batch_size, out=args.out))
@@ -235,10 +242,13 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument("--from", dest="from_time", required=True, help="2026-11-20T10:00:00Z, epoch ms, or a duration ago (2h)")
     replay.add_argument("--to", dest="to_time", help="same forms; default: the end of the topic when the replay starts")
     bench = sub.add_parser("bench", help="benchmarks; figures as JSON")
-    bench.add_argument("stage", choices=["ingest", "dedup", "identity", "compute"])
+    bench.add_argument("stage", choices=["pipeline", "ingest", "dedup", "identity", "compute"])
     bench.add_argument("--events", type=int, help="events per run (default 200000; identity 100000; compute 40000)")
     bench.add_argument("--batch-size", type=int, default=100)
     bench.add_argument("--out", type=Path, help="write the JSON report here too")
+    bench.add_argument("--configurations", default="example,50,200", help="pipeline: definition sets (example, 50, 200)")
+    bench.add_argument("--workers", default="1,2", help="pipeline: worker counts (2 and more run the example config)")
+    bench.add_argument("--latency-seconds", type=float, default=20.0, help="pipeline: steady-rate run length, 0 for none")
     return root
 
 

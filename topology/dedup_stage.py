@@ -37,6 +37,7 @@ from topology.dead_letters import DeadLetters
 from topology.partition_reader import catch_up_consumer, read_chunks
 from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.seen_store import SeenStore
+from topology.stage_cpu import spent_by
 from topology.stalls import RETRIED, PartitionHealth, until_done
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ class DedupStage:
         events = [event for event in events if event.message.offset >= applied]  # re-read after a crash: done
         if not events:
             return
-        records, out, decoded = self.decide(partition, store, events, time.time() * 1000)
+        with spent_by("dedup"):
+            records, out, decoded = self.decide(partition, store, events, time.time() * 1000)
         written = await self._producer().write_all(records)
         raw_offsets = [w.offset for w in written if w.topic == self.raw_topic]
         if raw_offsets and min(raw_offsets) != store.next_offset:
@@ -133,8 +135,9 @@ class DedupStage:
             # its records. Catch up and decide again; what we just wrote is then found and not written twice.
             raise DeliveryFailed(f"{self.raw_topic}[{partition}] moved from {store.next_offset} to {min(raw_offsets)} under us")
         next_offset = max(raw_offsets) + 1 if raw_offsets else store.next_offset
-        store.remember(out.remember, next_offset, out.stream_time, events[-1].message.offset + 1)
-        store.forget_before(out.stream_time - self.window_ms)
+        with spent_by("dedup"):
+            store.remember(out.remember, next_offset, out.stream_time, events[-1].message.offset + 1)
+            store.forget_before(out.stream_time - self.window_ms)
         self.counters.passed += len(out.passed)
         self.counters.duplicates += decoded - len(out.passed)
         self.counters.dead_lettered += len(records) - len(out.passed)

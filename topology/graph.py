@@ -36,6 +36,7 @@ from topology.metrics import Metric, process_cpu
 from topology.producer import MAX_RECORD_BYTES, AsyncProducer, producer_config
 from topology.routing import Router
 from topology.shutdown import watch_shutdown
+from topology.stage_cpu import stage_cpu
 from topology.stalls import PartitionHealth, blocked_metrics
 from topology.topics import (
     ALL_TOPICS, AUDIENCE_MEMBERSHIP, COMPUTE_COMMANDS, COMPUTE_STATE, DEFINITIONS, EVENTS_ACCEPTED, EVENTS_DEAD_LETTER,
@@ -237,7 +238,7 @@ def build(settings: Settings) -> Graph:
             comp.add(count, what=name)
         skipped = Metric("cdp_definitions_skipped_total", "counter", "records of the definitions topic that were not definitions")
         return [events, lag, caught_up.add(counters.caught_up), ident, comp, skipped.add(definitions.skipped),
-                *blocked_metrics([dedup.health, identity.health, compute.health]), process_cpu()]  # fmt: skip
+                *blocked_metrics([dedup.health, identity.health, compute.health]), stage_cpu(), process_cpu()]  # fmt: skip
 
     worker_web.register(
         app, settings=settings, views=views, compute_views=compute_views, definitions=definitions, producer=producer,

@@ -41,6 +41,7 @@ from topology.dead_letters import DeadLetters
 from topology.partition_reader import catch_up_consumer, read_chunks
 from topology.partitioning import key_partition, partition_for
 from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
+from topology.stage_cpu import spent_by
 from topology.stalls import RETRIED, PartitionHealth, until_done
 from topology.state_store import StateStore, Transaction
 from topology.transactional import TransactionalWriter
@@ -268,8 +269,9 @@ class PartitionedStage:
         async def attempt(partition: int, _: Any) -> None:
             store = await self._ready_store(partition)
             tx, out = Transaction(store), Output()
-            self.prepare(partition, tx)
-            work(tx, out)
+            with spent_by(self.io.name):
+                self.prepare(partition, tx)
+                work(tx, out)
             if tx.changes or out.outbox or out.atomic:
                 await self._finish(partition, store, tx, out)
 
@@ -290,7 +292,8 @@ class PartitionedStage:
 
     async def _process(self, partition: int, events: Sequence[Any]) -> None:
         store = await self._ready_store(partition)
-        decision = self.decide(partition, store, events)
+        with spent_by(self.io.name):
+            decision = self.decide(partition, store, events)
         if not decision.applied:
             return
         if decision.letters:  # at-least-once, before the changelog: a crash may write one twice, never lose one
@@ -349,10 +352,17 @@ class PartitionedStage:
     ) -> None:
         """Changes (and atomic outputs) to Kafka in one transaction, then (committed) to the local store."""
         encode = self.io.state_codec.encode
-        records = [(key.encode(), None if value is None else encode({"record": orjson.loads(value)})) for key, value in changes.items()]
+        with spent_by(self.io.name):
+            records = [(key.encode(), None if value is None else encode({"record": orjson.loads(value)})) for key, value in changes.items()]
         writer = await self._writer(partition)
-        offsets = await asyncio.to_thread(writer.write, records, atomic)
-        store.apply(changes, max(offsets) + 1 if offsets else store.changelog_next or 0)
+
+        def write() -> list[int]:
+            with spent_by(self.io.name):
+                return writer.write(records, atomic)
+
+        offsets = await asyncio.to_thread(write)
+        with spent_by(self.io.name):
+            store.apply(changes, max(offsets) + 1 if offsets else store.changelog_next or 0)
 
     async def _writer(self, partition: int) -> TransactionalWriter:
         """The partition's transactional writer; creating one fences every earlier writer of the partition (its

@@ -10,3 +10,24 @@ def test_large_counters_print_exactly_and_fractions_stay_fractions() -> None:
     assert 'cdp_x_total{what="events"} 1234567\n' in text
     assert 'cdp_x_total{what="cpu"} 2.5\n' in text
     assert text.startswith("# HELP cdp_x_total x\n# TYPE cdp_x_total counter\n")
+
+
+def test_stage_cpu_charges_the_stage_for_its_cpu_not_for_waiting() -> None:
+    import time
+
+    from topology.stage_cpu import spent_by, stage_cpu
+
+    def seconds() -> float:
+        return next((value for labels, value in stage_cpu().samples if labels == {"stage": "test-stage"}), 0.0)
+
+    before = seconds()
+    with spent_by("test-stage"):
+        time.sleep(0.2)
+    slept = seconds() - before
+    with spent_by("test-stage"):
+        deadline = time.thread_time() + 0.05
+        while time.thread_time() < deadline:
+            pass
+    busy = seconds() - before - slept
+    assert slept < 0.02 and busy >= 0.05
+    assert 'cdp_stage_cpu_seconds_total{stage="test-stage"}' in render([stage_cpu()])
