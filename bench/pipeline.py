@@ -15,6 +15,7 @@ visitor's Order Completed; latency from its write to its `entered` change on the
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import threading
 import time
@@ -125,6 +126,8 @@ def scrape(url: str) -> dict[str, dict[str, float]]:
             found["compute"][labels["what"]] = value
         elif name == "cdp_stage_cpu_seconds_total":
             found["stage_cpu"][labels["stage"]] = value
+        elif name == "cdp_gc_seconds_total":
+            found["gc"][labels["generation"]] = value
         elif name == "cdp_consumer_lag":
             found["lag"][f"{labels['topic']}/{labels['partition']}"] = value
     return found
@@ -186,6 +189,21 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
+def thread_cpu(pids: Sequence[int]) -> Counter[str]:
+    """CPU seconds so far of every thread of the workers, by thread name with digits dropped: the event loop
+    (`python`), asyncio's executor (`asyncio_`), librdkafka's (`rdk:broker`, `rdk:main`), RocksDB's."""
+    found: Counter[str] = Counter()
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip().rstrip("0123456789")
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended meanwhile
+                continue
+            found[name] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return found
+
+
 def peak_rss_mib(pid: int) -> float:
     line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM"))
     return round(int(line.split()[1]) / 1024, 1)
@@ -223,7 +241,7 @@ def throughput(shared: Settings, name: str, worker_count: int, events: int) -> d
         records = accepted_records(traffic, events)
         with settled_workers(bench, worker_count) as (urls, pids):
             before = [scrape(url) for url in urls]
-            cpu0, broker0 = sum(cpu_seconds(pid) for pid in pids), broker_cpu(bench)
+            cpu0, broker0, threads0 = sum(cpu_seconds(pid) for pid in pids), broker_cpu(bench), thread_cpu(pids)
             disk0 = disk_bytes(bench.broker_logs, prefix)
             started = time.perf_counter()
             writer = threading.Thread(target=produce_all, args=(bench.settings, EVENTS_ACCEPTED.name(bench.settings), records))
@@ -239,10 +257,13 @@ def throughput(shared: Settings, name: str, worker_count: int, events: int) -> d
                 time.sleep(0.1)
             seconds = time.perf_counter() - started
             cpu, broker = sum(cpu_seconds(pid) for pid in pids) - cpu0, broker_cpu(bench) - broker0
+            threads = thread_cpu(pids)
+            threads.subtract(threads0)
             writer.join()
             rss = [peak_rss_mib(pid) for pid in pids]
             stage_cpu = summed(after, "stage_cpu")
             stage_cpu.subtract(summed(before, "stage_cpu"))
+            gc_spent = sum(summed(after, "gc").values()) - sum(summed(before, "gc").values())
             state_dirs = directory_bytes(bench.scratch / "data")
         written = topic_traffic(bench.settings)
         disk = disk_bytes(bench.broker_logs, prefix)
@@ -255,6 +276,8 @@ def throughput(shared: Settings, name: str, worker_count: int, events: int) -> d
             "broker_cpu_us_per_event": round(broker / events * 1e6, 1) if bench.broker_pid else None,
             "stage_cpu_us_per_event": {stage: round(s / events * 1e6, 1) for stage, s in sorted(stage_cpu.items())},
             "machinery_cpu_us_per_event": round((cpu - sum(stage_cpu.values())) / events * 1e6, 1),
+            "gc_us_per_event": round(gc_spent / events * 1e6, 1),  # wall time, inside the stages' or the machinery's share
+            "thread_cpu_us_per_event": {name: round(s / events * 1e6, 1) for name, s in threads.most_common() if s > 0},
             "records_per_event": round(sum(t["records"] for t in written.values()) / events, 2),
             "kb_per_event": round(sum(t["bytes"] for t in written.values()) / events / 1000, 2),
             "per_topic_per_event": {t: {"records": round(v["records"] / events, 3), "bytes": round(v["bytes"] / events),
