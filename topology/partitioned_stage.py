@@ -351,9 +351,9 @@ class PartitionedStage:
         self, partition: int, store: StateStore, changes: dict[str, bytes | None], atomic: Sequence[Record] = ()
     ) -> None:
         """Changes (and atomic outputs) to Kafka in one transaction, then (committed) to the local store."""
-        encode = self.io.state_codec.encode
+        encode = self.io.state_codec.encode_json_record  # the record's JSON as it is: no parse, no re-encoding
         with spent_by(self.io.name):
-            records = [(key.encode(), None if value is None else encode({"record": orjson.loads(value)})) for key, value in changes.items()]
+            records = [(key.encode(), None if value is None else encode(value)) for key, value in changes.items()]
         writer = await self._writer(partition)
 
         def write() -> list[int]:

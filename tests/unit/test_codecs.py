@@ -280,3 +280,25 @@ def test_repository_rejects_misnamed_history_and_unknown_names(tmp_path: Path) -
     (tmp_path / "history" / "raw_event-1.avsc").write_text("{}")
     with pytest.raises(ConfigError, match=r"named <schema>\.v<N>\.avsc"):
         SchemaRepository.load(tmp_path)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=300),
+    lambda inner: st.lists(inner, max_size=40) | st.dictionaries(st.text(max_size=20), inner, max_size=40),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(record=st.dictionaries(st.text(max_size=30), json_values, max_size=10) | st.builds(lambda n: {"s": "x" * n}, st.integers(0, 300_000)))
+def test_a_state_record_spliced_from_its_json_is_what_encode_writes(record: dict[str, Any]) -> None:
+    for name in ("identity_state", "compute_state"):
+        codec = AvroCodec(name, SchemaRepository.load())
+        spliced = codec.encode_json_record(orjson.dumps(record))
+        assert spliced == codec.encode({"record": record})
+        assert codec.decode(spliced) == {"record": record}
+
+
+def test_only_a_record_of_one_json_field_is_spliced() -> None:
+    with pytest.raises(ConfigError, match="not a record of one json field"):
+        AvroCodec("raw_event", SchemaRepository.load()).encode_json_record(b"{}")
