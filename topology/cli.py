@@ -73,6 +73,7 @@ def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     import faust
 
+    from topology import gc_tuning
     from topology.graph import build
 
     if args.web_port is not None:
@@ -88,6 +89,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         (EVENTS_RESOLVED, IDENTITY_MERGES), (EVENTS_RESOLVED, COMPUTE_COMMANDS), (EVENTS_RESOLVED, COMPUTE_STATE),
     ))  # fmt: skip
     _use_uvloop()
+    gc_tuning.tune()
     graph = build(settings)
     worker = faust.Worker(graph.app, loglevel=args.loglevel)
     worker.execute_from_commandline()  # returns only by exiting the process

@@ -28,6 +28,7 @@ from topology.compute_views import ComputeViews
 from topology.config import Settings
 from topology.dedup_stage import DedupStage
 from topology.definitions_feed import DefinitionsFeed
+from topology.gc_tuning import freeze_start_up, gc_seconds
 from topology.http import IngestServer
 from topology.http_common import json_errors, json_protocol_errors
 from topology.identity_stage import IdentityCodecs, IdentityStage, IdentityTopics
@@ -206,6 +207,7 @@ def build(settings: Settings) -> Graph:
     @app.task
     async def _follow_definitions() -> None:
         definitions.start()
+        freeze_start_up()  # the app, its schemas and definitions are built: the collector need not scan them again
 
     @app.timer(interval=TICK_S)
     async def _slide_windows() -> None:
@@ -238,7 +240,7 @@ def build(settings: Settings) -> Graph:
             comp.add(count, what=name)
         skipped = Metric("cdp_definitions_skipped_total", "counter", "records of the definitions topic that were not definitions")
         return [events, lag, caught_up.add(counters.caught_up), ident, comp, skipped.add(definitions.skipped),
-                *blocked_metrics([dedup.health, identity.health, compute.health]), stage_cpu(), process_cpu()]  # fmt: skip
+                *blocked_metrics([dedup.health, identity.health, compute.health]), stage_cpu(), gc_seconds(), process_cpu()]  # fmt: skip
 
     worker_web.register(
         app, settings=settings, views=views, compute_views=compute_views, definitions=definitions, producer=producer,
