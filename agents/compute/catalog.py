@@ -67,6 +67,33 @@ class Catalog:
         reads it for every event and trait (rebuilt on each access it was a quarter of the stage's CPU)."""
         return MappingProxyType({**self.traits, **self.counters})
 
+    @cached_property
+    def _observers(self) -> dict[tuple[str | None, bool], tuple[str, ...]]:
+        return {}
+
+    def observers(self, name: str | None, track: bool) -> tuple[str, ...]:
+        """The keys of `all_traits` an event named `name` (agents/compute/traits.event_name) can count, in
+        `all_traits` order: a trait names its event, or (no event) counts every track call. Built once per name, so
+        an event costs what it touches, not what is defined."""
+        found = self._observers.get((name, track))
+        if found is None:
+            found = self._observers[name, track] = tuple(
+                key for key, d in self.all_traits.items() if (d.event == name if d.event is not None else track)
+            )  # fmt: skip
+        return found
+
+    @cached_property
+    def audience_inputs(self) -> Mapping[str, tuple[frozenset[str], bool]]:
+        """Per audience: the trait and counter keys its membership reads, and whether it reads identify traits,
+        both through the audiences it reads. Its membership can change only when one of those did."""
+        return MappingProxyType({key: (requirements(self, key), _reads_identify(self, key)) for key in self.audiences})
+
+    @cached_property
+    def counter_keys(self) -> Mapping[int, str]:
+        """Each event leaf of an audience (by identity: the catalog holds them) -> its counter key, hashed once."""
+        return MappingProxyType({id(leaf): counter_key(leaf) for audience in self.audiences.values()
+                                 for _, leaf in leaves(audience.when, "when") if _leaf_kind(leaf) == "event"})  # fmt: skip
+
     def with_definition(self, kind: str, raw: Any) -> Catalog:
         """A new catalog with `raw` added (or replacing the one with its key, in place), re-checked as a whole: what
         an HTTP POST validates with, so a definition that breaks a reference or makes a cycle is refused."""
@@ -255,10 +282,24 @@ def requirements(catalog: Catalog, audience_key: str) -> frozenset[str]:
     return frozenset(needed)
 
 
+def _reads_identify(catalog: Catalog, audience_key: str) -> bool:
+    seen, pending = {audience_key}, [audience_key]
+    while pending:
+        for _, leaf in leaves(catalog.audiences[pending.pop()].when, "when"):
+            if _leaf_kind(leaf) == "trait" and leaf["trait"].startswith(IDENTIFY):
+                return True
+            if _leaf_kind(leaf) == "audience" and leaf["audience"] not in seen:
+                seen.add(leaf["audience"])
+                pending.append(leaf["audience"])
+    return False
+
+
 def evaluate(condition: Mapping[str, Any], *, traits: Mapping[str, Any], identify: Mapping[str, Any],
-             counters: Mapping[str, int], memberships: Mapping[str, bool]) -> bool:  # fmt: skip
+             counters: Mapping[str, int], memberships: Mapping[str, bool],
+             counter_keys: Mapping[int, str] = MappingProxyType({})) -> bool:  # fmt: skip
     """A checked `when` on one profile's values: computed traits by key (missing: None), identify traits (nested),
-    counter values by counter_key (missing: 0), memberships of audiences evaluated before (missing: False)."""
+    counter values by counter_key (missing: 0), memberships of audiences evaluated before (missing: False).
+    `counter_keys`: the catalog's counter key of each leaf, so they are not hashed again per evaluation."""
 
     def holds(node: Mapping[str, Any]) -> bool:
         if "all" in node:
@@ -272,7 +313,7 @@ def evaluate(condition: Mapping[str, Any], *, traits: Mapping[str, Any], identif
             return bool(memberships.get(node["audience"], False))
         if kind == "event":
             ((op, expected),) = node.get("count", AT_LEAST_ONCE).items()
-            return compare(op, counters.get(counter_key(node), 0), expected)
+            return compare(op, counters.get(counter_keys.get(id(node)) or counter_key(node), 0), expected)
         name = node["trait"]
         actual = read_path(identify, name[len(IDENTIFY):]) if name.startswith(IDENTIFY) else traits.get(name)
         op, expected = next((k, v) for k, v in node.items() if k != "trait")

@@ -38,7 +38,7 @@ Pure: no I/O; `now` is given. topology/compute_stage.py runs it on Kafka.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,27 +228,36 @@ class ComputeEngine:
             out.commands.append((forward["to"], {"kind": "event", "profile": forward["to"], "event": dict(event),
                                                  "sids": sids, "feed": live.position}))  # fmt: skip
             return
-        record = state.get(f"p|{profile_id}") or _new_record()
+        stored = state.get(f"p|{profile_id}")
+        record = stored or _new_record()
         at = min(max(int(event["timestamp"]), 0), now)  # a client clock ahead of ours counts now, not in a future bucket
         counted = {**event, "timestamp": at} if at != event["timestamp"] else event
         touched = []
-        for key, definition in live.catalog.all_traits.items():
+        name = trait_state.event_name(event)
+        all_traits = live.catalog.all_traits
+        for key in live.catalog.observers(name, event["type"] == "track"):  # only the traits this event can count
             sid = live.sids[key]
             if only is not None and sid not in only:
                 continue
             before = record["t"].get(sid)
-            after = trait_state.observe(definition, before, counted)
+            after = trait_state.observe(all_traits[key], before, counted)
             if after is not before:
                 record["t"][sid] = after
                 touched.append(key)
-        cause = Cause(f"event {trait_state.event_name(event) or event['type']}", int(event["timestamp"]), event["message_id"])
+        cause = Cause(f"event {name or event['type']}", int(event["timestamp"]), event["message_id"])
+        identified = False
         if event["type"] == "identify" and identify:  # a group call's traits are the account's, not the person's
-            self._identify(profile_id, record, event, out, cause)
-        self._settle(profile_id, record, touched, state, out, now, cause)
+            identified = self._identify(profile_id, record, event, out, cause)
+        # A new profile meets every audience once (a `not` may hold for it); after that an audience is re-evaluated
+        # only when something it reads changed (new and removed audiences are settled for every profile by their
+        # backfill run, agents/compute/generations.py).
+        self._settle(profile_id, record, touched, state, out, now, cause, always=stored is None, identified=identified)
 
-    def _identify(self, profile_id: str, record: Record, event: Mapping[str, Any], out: Changes, cause: Cause) -> None:
-        """Identify traits: the latest call's value per trait wins (by timestamp, then messageId)."""
+    def _identify(self, profile_id: str, record: Record, event: Mapping[str, Any], out: Changes, cause: Cause) -> bool:
+        """Identify traits: the latest call's value per trait wins (by timestamp, then messageId). True if a value
+        changed."""
         stamp = [int(event["timestamp"]), event["message_id"]]
+        changed = False
         for name, value in (event.get("traits") or {}).items():
             held = record["i"].get(name)
             if held is not None and held[:2] >= stamp:
@@ -257,6 +266,8 @@ class ComputeEngine:
             if held is None or held[2] != value:
                 old = None if held is None else held[2]
                 out.traits.append(_change(profile_id, name, "identify", old, value, record, cause))
+                changed = True
+        return changed
 
     def _fold_out(self, command: Command, state: State, out: Changes) -> None:
         merged, survivor = command["profile"], command["into"]
@@ -305,15 +316,16 @@ class ComputeEngine:
 
     def _settle(
         self, profile_id: str, record: Record, touched: Iterable[str], state: State, out: Changes, now: int, cause: Cause,
-        *, always: bool = True,
+        *, always: bool = True, identified: bool = False,
     ) -> None:
-        """Re-compute the touched traits, emit what changed, re-evaluate audiences (after an event or a fold
-        always: identify traits and new audiences count too), re-index, store."""
+        """Re-compute the touched traits, emit what changed, re-evaluate audiences — every one when `always` (a
+        fold, a settle run, a new profile), else those that read a value that changed (`identified`: an identify
+        trait did) — re-index, store."""
         live = self._live()
         waiting = pending(state)
         for sid in [sid for sid in record["t"] if sid not in live.by_sid]:  # an old version's state: gone
             del record["t"][sid]
-        changed = False
+        changed: set[str] = set()
         for key in touched:
             definition, sid = live.catalog.all_traits[key], live.sids[key]
             if sid in record["t"]:
@@ -326,7 +338,7 @@ class ComputeEngine:
             old = record["v"].get(key, NO_VALUE.get(definition.kind))
             if new == old:
                 continue
-            changed = True
+            changed.add(key)
             if new == NO_VALUE.get(definition.kind):
                 record["v"].pop(key, None)
             else:
@@ -335,27 +347,35 @@ class ComputeEngine:
                 out.traits.append(_change(profile_id, key, "computed", _shown(definition.kind, old), _shown(definition.kind, new), record, cause))
         for key in [key for key in record["v"] if key not in live.catalog.all_traits]:
             del record["v"][key]
-        if changed or always:
-            self._evaluate(profile_id, record, live, waiting, state, out, cause)
+        for key in [key for key in record["m"] if key not in live.catalog.audiences]:  # a deleted audience: forget it
+            self._leave(profile_id, key, record, state, None, cause)
+        if changed or always or identified:
+            self._evaluate(profile_id, record, live, waiting, state, out, cause, None if always else (changed, identified))
         self._index_due(profile_id, record, live, state)
         state.put(f"p|{profile_id}", record)
 
     def _evaluate(self, profile_id: str, record: Record, live: Live, waiting: frozenset[str], state: State, out: Changes,
-                  cause: Cause) -> None:  # fmt: skip
+                  cause: Cause, changed: tuple[set[str], bool] | None) -> None:  # fmt: skip
+        """Every audience (`changed` None), or those reading a changed trait or (changed[1]) identify traits."""
+        catalog = live.catalog
         identify = {name: held[2] for name, held in record["i"].items()}
-        values = {key: record["v"].get(key, NO_VALUE.get(d.kind)) for key, d in live.catalog.all_traits.items()}
+        values = _Values(record["v"], catalog.all_traits)
         members: dict[str, bool] = {}
-        for key, audience in live.catalog.audiences.items():
+        for key, audience in catalog.audiences.items():
             if live.audience_sids[key] & waiting:  # reads a trait still being backfilled: keep what it was
                 members[key] = key in record["m"]
                 continue
-            members[key] = evaluate(audience.when, traits=values, identify=identify, counters=values, memberships=members)
+            if changed is not None:
+                reads, reads_identify = catalog.audience_inputs[key]
+                if not (reads_identify and changed[1]) and reads.isdisjoint(changed[0]):
+                    members[key] = key in record["m"]  # nothing it reads changed: neither did it
+                    continue
+            members[key] = evaluate(audience.when, traits=values, identify=identify, counters=values, memberships=members,
+                                    counter_keys=catalog.counter_keys)  # fmt: skip
             if members[key] and key not in record["m"]:
                 self._enter(profile_id, key, record, state, out, cause)
             elif not members[key] and key in record["m"]:
                 self._leave(profile_id, key, record, state, out, cause)
-        for key in [key for key in record["m"] if key not in live.catalog.audiences]:  # a deleted audience: forget it
-            self._leave(profile_id, key, record, state, None, cause)
 
     def _enter(self, profile_id: str, audience: str, record: Record, state: State, out: Changes, cause: Cause) -> None:
         record["m"][audience] = True
@@ -387,6 +407,30 @@ class ComputeEngine:
             if due is not None:
                 state.put(due_key(due, profile_id), {})
             record["x"] = due
+
+
+class _Values(Mapping[str, Any]):
+    """A profile's trait and counter values as audiences read them (a trait without one: its kind's NO_VALUE),
+    looked up on demand: an evaluation reads a few of them, not every definition's."""
+
+    __slots__ = ("_held", "_definitions")
+
+    def __init__(self, held: Mapping[str, Any], definitions: Mapping[str, Any]) -> None:
+        self._held, self._definitions = held, definitions
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._held:
+            return self._held[key]
+        return NO_VALUE.get(self._definitions[key].kind)  # KeyError for a key that is no trait, as a dict would
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self._held or key in self._definitions else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._definitions)
+
+    def __len__(self) -> int:
+        return len(self._definitions)
 
 
 def _new_record() -> Record:

@@ -140,3 +140,48 @@ def test_survivors_hold_every_event_of_their_merged_profiles_once(scenario: Any,
             final[change["audience"]] = change["transition"]
         record = cluster.record(profile)
         assert {a for a, t in final.items() if t == "entered"} == set(record["m"] if record else ())
+
+
+RICH_TRAITS = [*TRAITS, {"key": "pages", "kind": "count", "event": "Page Viewed"}]
+RICH_AUDIENCES = [
+    *AUDIENCES,
+    {"key": "pro", "when": {"trait": "traits.plan", "eq": "pro"}},
+    {"key": "pro_buyers", "when": {"all": [{"audience": "pro"}, {"audience": "buyers"}]}},
+    {"key": "browsers", "when": {"all": [{"trait": "pages", "gte": 2}, {"not": {"event": "Order Completed", "within": "30s"}}]}},
+    {"key": "never_signed_up", "when": {"not": {"event": "Signed Up", "within": "1h", "count": {"gte": 1}}}},
+    {"key": "big", "when": {"any": [{"trait": "revenue", "gte": 60}, {"trait": "traits.vip", "eq": True}]}},
+]
+RICH = Live.of_catalog(build_catalog(RICH_TRAITS, RICH_AUDIENCES))
+
+
+def every_audience(record: dict[str, Any]) -> set[str]:
+    """The oracle: every audience evaluated afresh on the profile's values, in dependency order."""
+    from agents.compute.catalog import evaluate
+    from agents.compute.engine import NO_VALUE
+
+    values = {key: record["v"].get(key, NO_VALUE.get(d.kind)) for key, d in RICH.catalog.all_traits.items()}
+    identify = {name: held[2] for name, held in record["i"].items()}
+    members: dict[str, bool] = {}
+    for key, audience in RICH.catalog.audiences.items():
+        members[key] = evaluate(audience.when, traits=values, identify=identify, counters=values, memberships=members)
+    return {key for key, member in members.items() if member}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.fixed_dictionaries({
+    "type": st.sampled_from(["track", "track", "page", "identify"]),
+    "event": st.sampled_from(["Order Completed", "Signed Up", "Product Viewed"]),
+    "at": st.integers(0, 120_000),
+    "properties": st.fixed_dictionaries({}, optional={"amount": st.integers(1, 50), "item": st.sampled_from(["a", "b"])}),
+    "traits": st.fixed_dictionaries({}, optional={"plan": st.sampled_from(["free", "pro"]), "vip": st.booleans()}),
+}), max_size=25))  # fmt: skip
+def test_audiences_re_evaluated_only_on_what_changed_match_a_full_evaluation(calls: list[dict[str, Any]]) -> None:
+    engine, store = ComputeEngine(lambda: RICH), {}
+    state = _DictState(store)
+    for n, call in enumerate(calls):
+        event = {"message_id": f"m{n}", "type": call["type"], "event": call["event"] if call["type"] == "track" else None,
+                 "properties": call["properties"], "traits": call["traits"] if call["type"] == "identify" else {},
+                 "timestamp": NOW - 120_000 + call["at"]}  # fmt: skip
+        engine.event("p", event, state, Changes(), NOW)
+        record = store["p|p"]
+        assert set(record["m"]) == every_audience(record), (n, event)
