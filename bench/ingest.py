@@ -80,7 +80,7 @@ def ingest(bench: Bench, events: int, batch_size: int, concurrency: int) -> dict
 
 def run_ingest_bench(settings: Settings, *, events: int, batch_size: int, out: Path | None, concurrency: int = 8) -> str:
     """Run floor and ingest on one broker (a temporary local one if none is reachable); returns the JSON text."""
-    with bench_pipeline(settings) as bench:
+    with bench_pipeline(settings, {"ingest": {"max_lag": 0}}) as bench:  # no worker drains it: measure the ingest alone
         payloads = encoded_events(1_000, "floor")
         report = bench.header("ingest")
         report["avro_bytes_per_event"] = round(sum(map(len, payloads)) / len(payloads))

@@ -51,6 +51,7 @@ class IngestSettings:
 
     dedup_window_ms: int = DAY_MS
     max_in_flight: int = 20_000
+    max_lag: int = 25_000  # events the pipeline may be behind before the ingest answers 429 (0: off); docs/design.md
     delivery_timeout_ms: int = 10_000  # under the SDKs' own request timeouts (analytics-node 10 s, python 15 s)
     retry_after_s: int = 1
 
@@ -196,10 +197,11 @@ def _duration(raw: dict[str, Any], key: str, section: str, default: int) -> int:
         raise ConfigError(f"{section}.{key}: {exc}") from None
 
 
-def _positive_int(raw: dict[str, Any], key: str, section: str, default: int) -> int:
+def _positive_int(raw: dict[str, Any], key: str, section: str, default: int, zero_allowed: bool = False) -> int:
     value = raw.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{section}.{key} must be a positive integer, not {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero_allowed else 1):
+        kind = "a non-negative integer (0: off)" if zero_allowed else "a positive integer"
+        raise ConfigError(f"{section}.{key} must be {kind}, not {value!r}")
     return value
 
 
@@ -218,11 +220,12 @@ def _topics(raw: Any) -> TopicSettings:
 
 
 def _ingest(raw: Any) -> IngestSettings:
-    section = _section(raw, "ingest", {"dedup_window", "max_in_flight", "delivery_timeout", "retry_after"})
+    section = _section(raw, "ingest", {"dedup_window", "max_in_flight", "max_lag", "delivery_timeout", "retry_after"})
     defaults = IngestSettings()
     return IngestSettings(
         dedup_window_ms=_duration(section, "dedup_window", "ingest", defaults.dedup_window_ms),
         max_in_flight=_positive_int(section, "max_in_flight", "ingest", defaults.max_in_flight),
+        max_lag=_positive_int(section, "max_lag", "ingest", defaults.max_lag, zero_allowed=True),
         delivery_timeout_ms=_duration(section, "delivery_timeout", "ingest", defaults.delivery_timeout_ms),
         retry_after_s=_positive_int(section, "retry_after", "ingest", defaults.retry_after_s),
     )

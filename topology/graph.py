@@ -34,6 +34,7 @@ from topology.http_common import json_errors, json_protocol_errors
 from topology.identity_stage import IdentityCodecs, IdentityStage, IdentityTopics
 from topology.identity_views import IdentityViews
 from topology.metrics import Metric, process_cpu
+from topology.pipeline_lag import KafkaLagReader, PipelineLag, pipeline_group
 from topology.producer import MAX_RECORD_BYTES, AsyncProducer, producer_config
 from topology.routing import Router
 from topology.shutdown import watch_shutdown
@@ -128,7 +129,7 @@ def create_app(settings: Settings) -> faust.App:
     """The Faust app with the settings every stage relies on (docs/design.md says why for each)."""
     worker_data_dir(settings).mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     return faust.App(
-        f"{settings.topics.prefix}-pipeline",
+        pipeline_group(settings),  # the app id is the consumer group the ingest reads the lag of
         broker=f"kafka://{settings.kafka_bootstrap}",
         datadir=str(worker_data_dir(settings)),
         topic_partitions=settings.topics.partitions,
@@ -331,8 +332,9 @@ class _LazyProducer:
 
 
 def ingest_server(settings: Settings, producer: AsyncProducer) -> IngestServer:
-    """The HTTP ingest of this settings' pipeline, writing through `producer`."""
-    return IngestServer(
+    """The HTTP ingest of this settings' pipeline, writing through `producer`, pushing back on the workers' lag
+    (its `lag` reads Kafka once started; `ingest.max_lag` 0: never started, never refuses)."""
+    server = IngestServer(
         sources=settings.source_by_write_key(),
         topic=EVENTS_ACCEPTED.name(settings),
         codec=Codecs(settings).for_topic(EVENTS_ACCEPTED),
@@ -341,6 +343,8 @@ def ingest_server(settings: Settings, producer: AsyncProducer) -> IngestServer:
         retry_after_s=settings.ingest.retry_after_s,
         request_timeout_s=settings.ingest.delivery_timeout_ms / 1000 + 1,
     )
+    server.lag = PipelineLag(settings.ingest.max_lag, KafkaLagReader(settings), lambda: server.events_accepted, lambda: server.in_flight)
+    return server
 
 
 def describe(settings: Settings) -> str:

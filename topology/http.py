@@ -2,8 +2,10 @@
 
 Stateless, so run as many `cdp ingest` processes as the load needs. A request is answered 200 only after
 Kafka acknowledged every one of its events (acks=all); a request with any bad message is rejected whole (400,
-each problem named), so nothing of it enters the pipeline. Deduplication by messageId happens behind, in the
-dedup stage, because every copy of a messageId must meet in one place whichever ingest received it.
+each problem named), so nothing of it enters the pipeline. Overload is 429 with Retry-After: too many events
+waiting for Kafka in this process (`ingest.max_in_flight`), or the pipeline lagging behind the ingests by more
+than `ingest.max_lag` events, read from Kafka (topology/pipeline_lag.py). Deduplication by messageId happens
+behind, in the dedup stage, because every copy of a messageId must meet in one place whichever ingest received it.
 
 Endpoints: POST /v1/{track,identify,page,screen,group,alias} (and analytics.js's short /v1/{t,i,p,s,g,a}),
 /v1/batch (/v1/b) and /v1/import; GET /v1/projects/{writeKey}/settings (analytics.js), /health and /metrics. Auth: HTTP Basic with the write key as user name,
@@ -35,6 +37,7 @@ from agents.ingest.tracking import (
 from topology.codecs import AvroCodec
 from topology.http_common import BODY_TIMEOUT_S, HttpError, json_errors, read_body
 from topology.metrics import Metric, process_cpu, render
+from topology.pipeline_lag import PipelineLag
 from topology.producer import AsyncProducer, Record
 
 SINGLE_CALLS = {
@@ -84,6 +87,7 @@ class IngestServer:
         retry_after_s: int,
         request_timeout_s: float,
         body_timeout_s: float = BODY_TIMEOUT_S,
+        lag: PipelineLag | None = None,
     ) -> None:
         self.sources = dict(sources)
         self.topic = topic
@@ -93,6 +97,7 @@ class IngestServer:
         self.retry_after_s = retry_after_s
         self.request_timeout_s = request_timeout_s
         self.body_timeout_s = body_timeout_s
+        self.lag = lag  # backpressure: refuse while the pipeline lags past ingest.max_lag (topology/pipeline_lag.py)
         self.in_flight = 0
         self.responses: Counter[int] = Counter()
         self.events_accepted = 0
@@ -131,7 +136,7 @@ class IngestServer:
         return web.Response(text=render([
             Metric("cdp_ingest_events_total", "counter", "events acknowledged by Kafka and answered 200").add(self.events_accepted),
             Metric("cdp_ingest_events_in_flight", "gauge", "events waiting for Kafka's acknowledgement").add(self.in_flight),
-            responses, process_cpu(),
+            responses, *(self.lag.metrics() if self.lag else ()), process_cpu(),
         ]), content_type="text/plain")  # fmt: skip
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -160,6 +165,9 @@ class IngestServer:
                 events = [to_raw_event(body, call_type=SINGLE_CALLS[call], source=source, received_at=received_at, client_ip=client_ip)]
             except InvalidMessage as exc:
                 raise Rejected(400, f"invalid {SINGLE_CALLS[call]} call", [MessageProblem(0, exc.field, exc.reason)]) from None
+        if events and self.lag is not None and (lag := self.lag.refuses()) is not None:
+            error = f"the pipeline is {lag} events behind the ingest, over ingest.max_lag ({self.lag.max_lag}); retry later"
+            raise Rejected(429, error, retry_after=self.retry_after_s)
         if self.in_flight + len(events) > self.max_in_flight:
             raise Rejected(429, "too many events waiting for Kafka; retry later", retry_after=self.retry_after_s)
         records = [Record(self.topic, event["message_id"].encode(), self.codec.encode(event)) for event in events]
