@@ -31,8 +31,9 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
+from agents import memo
 from agents.compute.commands import check_resolved
-from agents.compute.engine import Cause, Changes, ComputeEngine, DefinitionsBehind
+from agents.compute.engine import SEEN_MEMOS, Cause, Changes, ComputeEngine, DefinitionsBehind
 from agents.compute.generations import Live
 from agents.errors import UndecodableError
 from agents.events import ResolvedEvent
@@ -111,14 +112,16 @@ class ComputeStage(PartitionedStage):
         clock: Callable[[], float] = time.time,
         batch_size: int = 2_000,
         batch_within: float = 0.02,
+        memo_horizon_ms: int | None = None,
     ) -> None:
         io = StageIO(
             name="compute", inputs={topics.resolved: "resolved", topics.merges: "merges", topics.commands: "commands"},
             state_topic=topics.state, state_codec=codecs.state,
             dead_letters=DeadLetters("compute", topics.dead_letter, codecs.dead_letter),
+            memos=SEEN_MEMOS,
         )  # fmt: skip
         super().__init__(io=io, partitions=partitions, store_dir=store_dir, bootstrap=bootstrap, producer=producer,
-                         batch_size=batch_size, batch_within=batch_within)  # fmt: skip
+                         batch_size=batch_size, batch_within=batch_within, memo_horizon_ms=memo_horizon_ms)  # fmt: skip
         self.live, self.live_ready = live, live_ready
         self._snapshot = live()  # the definitions of the batch being applied (see prepare)
         self.topics, self.codecs, self.clock = topics, codecs, clock
@@ -193,7 +196,9 @@ class ComputeStage(PartitionedStage):
         await super().run(stream)
 
     async def tick(self) -> None:
-        """Re-evaluate every owned partition's profiles whose window slid; never raises (a timer must not die)."""
+        """Re-evaluate every owned partition's profiles whose window slid, and drop memos past the horizon; never
+        raises (a timer must not die)."""
+        await self.expire_memos(int(self.now()))
         if not self.live_ready():
             return
         for partition in sorted(self.owned()):
@@ -340,7 +345,7 @@ class ComputeStage(PartitionedStage):
             except Exception:
                 continue  # dead-lettered when it was read live
             event = resolved["event"]
-            seen = tx.get(f"s|{event['message_id']}")
+            _, seen = memo.seen(tx, "s", event, event["message_id"])
             if seen is None or seen.get("o") != offset:
                 continue  # a repeated copy (live processing counted the first), or one live processing refused
             step = self._guarded(tx, None, f"backfill {gen} of {event['message_id']}", lambda state, step, resolved=resolved:

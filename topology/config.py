@@ -21,6 +21,7 @@ from agents.compute.definitions import check_new
 from agents.durations import parse_duration_ms
 from agents.errors import ConfigError
 from agents.identity.rules import IdentityRules, parse_rules
+from agents.memo import default_horizon_ms
 
 DAY_MS = 86_400_000
 _IDENTITY_KEYS = {"identifiers", "blocked", "max_merges", "max_identifiers"}
@@ -43,6 +44,12 @@ class TopicSettings:
     partitions: int = 8
     replication: int = 1
     retention_ms: int = 7 * DAY_MS
+    memo_horizon_ms: int | None = None  # None: 2 × retention + 7 days (agents/memo.py says why)
+
+    @property
+    def memo_horizon(self) -> int:
+        """How long the stages keep per-event memos after the event was received (agents/memo.py)."""
+        return self.memo_horizon_ms if self.memo_horizon_ms is not None else default_horizon_ms(self.retention_ms)
 
 
 @dataclass(frozen=True)
@@ -206,7 +213,7 @@ def _positive_int(raw: dict[str, Any], key: str, section: str, default: int, zer
 
 
 def _topics(raw: Any) -> TopicSettings:
-    section = _section(raw, "topics", {"prefix", "partitions", "replication", "retention"})
+    section = _section(raw, "topics", {"prefix", "partitions", "replication", "retention", "memo_horizon"})
     defaults = TopicSettings()
     prefix = str(section.get("prefix", defaults.prefix))
     if not prefix or any(ch in prefix for ch in " /\\:_"):
@@ -215,8 +222,19 @@ def _topics(raw: Any) -> TopicSettings:
         prefix=prefix,
         partitions=_positive_int(section, "partitions", "topics", defaults.partitions),
         replication=_positive_int(section, "replication", "topics", defaults.replication),
-        retention_ms=_duration(section, "retention", "topics", defaults.retention_ms),
+        retention_ms=(retention := _duration(section, "retention", "topics", defaults.retention_ms)),
+        memo_horizon_ms=_memo_horizon(section, retention),
     )
+
+
+def _memo_horizon(section: dict[str, Any], retention_ms: int) -> int | None:
+    if "memo_horizon" not in section:
+        return None
+    horizon = _duration(section, "memo_horizon", "topics", 0)
+    if horizon < 2 * retention_ms:  # a replay at the end of events.raw's retention makes a copy that lives another
+        raise ConfigError(f"topics.memo_horizon must be at least twice topics.retention ({2 * retention_ms} ms), "
+                          "or an event replayed near the end of its retention could count twice")  # fmt: skip
+    return horizon
 
 
 def _ingest(raw: Any) -> IngestSettings:

@@ -14,6 +14,7 @@ wired; the other topics of the product are declared in topology/topics.py and cr
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,9 @@ from topology.topics import (
     ALL_TOPICS, AUDIENCE_MEMBERSHIP, COMPUTE_COMMANDS, COMPUTE_STATE, DEFINITIONS, EVENTS_ACCEPTED, EVENTS_DEAD_LETTER,
     EVENTS_RAW, EVENTS_RESOLVED, IDENTITY_COMMANDS, IDENTITY_MERGES, IDENTITY_STATE, PROFILE_CHANGES, TopicSpec,
 )  # fmt: skip
+
+
+MEMO_SWEEP_S = 60.0  # how often identity drops memos past the horizon (compute does it on its window clock)
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,10 @@ def build(settings: Settings) -> Graph:
     async def _slide_windows() -> None:
         await compute.tick()  # never raises: an exception escaping a timer would kill the worker
 
+    @app.timer(interval=MEMO_SWEEP_S)
+    async def _expire_identity_memos() -> None:
+        await identity.expire_memos(int(time.time() * 1000))  # never raises, like every timer body here
+
     def metrics() -> list[Metric]:
         counters = dedup.counters
         events = Metric("cdp_dedup_events_total", "counter", "dedup stage decisions")
@@ -242,7 +250,9 @@ def build(settings: Settings) -> Graph:
         for name, count in vars(compute.counters).items():
             comp.add(count, what=name)
         skipped = Metric("cdp_definitions_skipped_total", "counter", "records of the definitions topic that were not definitions")
-        return [events, lag, caught_up.add(counters.caught_up), ident, comp, skipped.add(definitions.skipped),
+        memos = Metric("cdp_memos_expired_total", "counter", "per-event memo keys deleted past the memo horizon")
+        memos.add(identity.memos_expired, stage="identity").add(compute.memos_expired, stage="compute")
+        return [events, lag, caught_up.add(counters.caught_up), ident, comp, skipped.add(definitions.skipped), memos,
                 *blocked_metrics([dedup.health, identity.health, compute.health]), stage_cpu(), gc_seconds(), process_cpu()]  # fmt: skip
 
     worker_web.register(
@@ -275,6 +285,7 @@ def _identity_stage(app: faust.App, settings: Settings, codecs: Codecs, producer
         protocol=IdentityProtocol(settings.identity, max_record_bytes=MAX_RECORD_BYTES),
         partitions=IDENTITY_COMMANDS.partition_count(settings),
         store_dir=worker_data_dir(settings) / "identity",
+        memo_horizon_ms=settings.topics.memo_horizon,
         bootstrap=settings.kafka_bootstrap,
         producer=producer,
     )
@@ -308,6 +319,7 @@ def _compute_stage(app: faust.App, settings: Settings, codecs: Codecs, producer:
         definitions_exist=definitions.exists,
         partitions=EVENTS_RESOLVED.partition_count(settings),
         store_dir=worker_data_dir(settings) / "compute",
+        memo_horizon_ms=settings.topics.memo_horizon,
         bootstrap=settings.kafka_bootstrap,
         producer=producer,
     )

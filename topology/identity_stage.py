@@ -20,6 +20,7 @@ from agents import checks
 from agents.errors import UndecodableError
 from agents.events import RawEvent
 from agents.identity.protocol import IdentityProtocol, Outputs, Resolved, event_command
+from agents.identity.records import DONE
 from topology.codecs import AvroCodec
 from topology.dead_letters import DeadLetters
 from topology.partitioned_stage import (
@@ -83,13 +84,15 @@ class IdentityStage(PartitionedStage):
         producer: Callable[[], AsyncProducer],
         batch_size: int = 2_000,
         batch_within: float = 0.02,
+        memo_horizon_ms: int | None = None,
     ) -> None:
         io = StageIO(
             name="identity", inputs={topics.raw: "raw", topics.commands: "commands"}, state_topic=topics.state,
             state_codec=codecs.state, dead_letters=DeadLetters("identity", topics.dead_letter, codecs.dead_letter),
+            memos=(DONE,),
         )  # fmt: skip
         super().__init__(io=io, partitions=partitions, store_dir=store_dir, bootstrap=bootstrap, producer=producer,
-                         batch_size=batch_size, batch_within=batch_within)  # fmt: skip
+                         batch_size=batch_size, batch_within=batch_within, memo_horizon_ms=memo_horizon_ms)  # fmt: skip
         self.topics, self.codecs, self.protocol = topics, codecs, protocol
         self._counters = IdentityCounters()
 

@@ -34,6 +34,7 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaException, TopicPartition
 
+from agents import memo
 from agents.errors import DeliveryFailed, InvalidRecord
 from agents.state import Overlay, check_sizes
 from topology.codecs import AvroCodec
@@ -52,6 +53,7 @@ OUTBOX = "o|"  # outbox records: o|0, o|1, ... each at most OUTBOX_CHUNK_BYTES o
 OUTBOX_CHUNK_BYTES = 256_000  # records stay far below Kafka's 1 MB default message size
 CATCH_UP_CHUNK = 20_000
 STALE_AFTER_MS = 20 * 3_600_000  # under the changelog's delete.retention.ms (Kafka's default: 24 h)
+MEMOS_PER_RUN = 20_000  # memo tombstones per partition and transaction (≈ 1 MB): a backlog of them goes in steps
 
 
 def command_records(keyed: Sequence[tuple[str, dict[str, Any]]], topic: str, codec: AvroCodec, partitions: int) -> list[Record]:
@@ -140,6 +142,7 @@ class StageIO:
     state_topic: str
     state_codec: AvroCodec  # a record {"record": json}
     dead_letters: DeadLetters
+    memos: tuple[str, ...] = ()  # kinds of per-event memo keys, deleted past the memo horizon (agents/memo.py)
 
 
 class PartitionedStage:
@@ -156,10 +159,14 @@ class PartitionedStage:
         producer: Callable[[], AsyncProducer],
         batch_size: int = 2_000,
         batch_within: float = 0.02,
+        memo_horizon_ms: int | None = None,
     ) -> None:
+        """`memo_horizon_ms`: how long after an event's received_at its memos are kept (None: for ever)."""
         self.io, self.partitions, self.store_dir, self.bootstrap = io, partitions, store_dir, bootstrap
         self._producer = producer
         self.batch_size, self.batch_within = batch_size, batch_within
+        self.memo_horizon_ms = memo_horizon_ms
+        self.memos_expired = 0
         self.dead_lettered = 0
         self.caught_up = 0
         self.health = PartitionHealth(io.name)
@@ -277,6 +284,29 @@ class PartitionedStage:
 
         await self._until_written(partition, attempt, None)
         return True
+
+    def expire_memos_in(self, tx: Transaction, now_ms: int) -> int:
+        """Delete the partition's memos past the horizon, oldest first, at most MEMOS_PER_RUN; how many. They
+        leave the store and, as tombstones in this transaction, the changelog."""
+        if self.memo_horizon_ms is None:
+            return 0
+        left = MEMOS_PER_RUN
+        for kind in self.io.memos:
+            for key in memo.expired(tx.store.keys, kind, now_ms, self.memo_horizon_ms, left):
+                tx.delete(key)
+                left -= 1
+        return MEMOS_PER_RUN - left
+
+    async def expire_memos(self, now_ms: int) -> None:
+        """`expire_memos_in` on every partition this worker owns; never raises (a timer calls it)."""
+        for partition in sorted(self._assigned):
+            try:
+                await self.run_in(partition, lambda tx, out: self._count_expired(self.expire_memos_in(tx, now_ms)))
+            except Exception:
+                log.exception("%s: partition %d: expiring memos failed; trying again later", self.io.name, partition)
+
+    def _count_expired(self, count: int) -> None:
+        self.memos_expired += count
 
     async def _until_written(self, partition: int, process: Callable[[int, Any], Any], batch: Any) -> None:
         """Retry until Kafka takes it: giving up would let Faust commit inputs whose effects were lost. A partition

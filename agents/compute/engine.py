@@ -4,8 +4,10 @@ One partition's records (the stage keeps them in RocksDB with a changelog, like 
 
     profile     "p|<id>"            -> trait states, current values, identify traits, memberships, seq, expiry
     forwarded   "f|<id>"            -> {"to": survivor}: the profile was merged; what arrives for it goes on
-    seen        "s|<messageId>"     -> an event already counted here (resolved events are at-least-once)
-                "sf|<id>|<messageId>", "sb|<id>|<state ids>|<messageId>" -> the same for forwarded events
+    seen        "s@<hour>|<messageId>" -> an event already counted here (resolved events are at-least-once)
+                "sf@<hour>|<id>|<messageId>", "sb@<hour>|<id>|<state ids>|<messageId>" -> the same for forwarded
+                events; filed under the hour of the event's received_at and deleted past the memo horizon
+                (agents/memo.py)
     folded      "k|<survivor>|<id>" -> the merged profile's state was folded in (merge-log entries repeat too)
     due         "x|<15-digit ms>|<id>" -> when the profile's oldest window bucket leaves its window
     member      "a|<audience>|<id>" -> the profile is in the audience (the member list, paged)
@@ -44,6 +46,7 @@ from typing import Any
 
 import orjson
 
+from agents import memo
 from agents.compute import traits as trait_state
 from agents.compute.catalog import evaluate
 from agents.compute.commands import check_command, check_merge
@@ -54,6 +57,7 @@ from agents.state import Overlay, State, check_sizes
 Record = dict[str, Any]
 Command = dict[str, Any]
 NO_VALUE = {"count": 0, "sum": 0, "unique_list": [], "unique_count": 0}  # what a trait is before any event
+SEEN_MEMOS = ("s", "sf", "sb")  # memo kinds of counted events: resolved, forwarded, forwarded by a backfill
 
 
 @dataclass
@@ -117,8 +121,8 @@ class ComputeEngine:
     def event(self, profile_id: str, event: Mapping[str, Any], state: State, out: Changes, now: int, offset: int = -1) -> bool:
         """A resolved event (at `offset` of its partition); False for one counted before (same messageId). The
         offset of the copy that counted is kept: a backfill re-reading the partition counts that copy only."""
-        seen = f"s|{event['message_id']}"
-        if state.get(seen) is not None:
+        seen, counted = memo.seen(state, "s", event, event["message_id"])
+        if counted is not None:
             return False
         state.put(seen, {"at": now, "o": offset})
         self._event_at(profile_id, event, state, out, now)
@@ -171,11 +175,11 @@ class ComputeEngine:
             raise DefinitionsBehind(f"a {kind} command needs definitions up to {needed}, this worker has "
                                     f"{self._live().position}")  # fmt: skip
         if kind == "event":
-            if self._first_forward(f"sf|{command['profile']}|{command['event']['message_id']}", state):
+            if self._first_forward("sf", command["event"], f"{command['profile']}|{command['event']['message_id']}", state):
                 self._event_at(command["profile"], command["event"], state, out, now, only=frozenset(command["sids"]))
         elif kind == "backfill_event":
-            seen = f"sb|{command['profile']}|{','.join(sorted(command['sids']))}|{command['event']['message_id']}"
-            if self._first_forward(seen, state):
+            seen = f"{command['profile']}|{','.join(sorted(command['sids']))}|{command['event']['message_id']}"
+            if self._first_forward("sb", command["event"], seen, state):
                 self.backfill_event(command["profile"], command["event"], command["sids"], state, out, now)
         elif kind == "fold_out":
             self._fold_out(command, state, out)
@@ -185,11 +189,12 @@ class ComputeEngine:
             raise ValueError(f"unknown compute command {kind!r}")
 
     @staticmethod
-    def _first_forward(seen: str, state: State) -> bool:
+    def _first_forward(kind: str, event: Mapping[str, Any], rest: str, state: State) -> bool:
         """A forwarded event is deduplicated where it arrives, per profile: a re-sent outbox repeats it."""
-        if state.get(seen) is not None:
+        key, found = memo.seen(state, kind, event, rest)
+        if found is not None:
             return False
-        state.put(seen, {})
+        state.put(key, {})
         return True
 
     def expire(self, profile_id: str, at: int, state: State, out: Changes, now: int) -> None:

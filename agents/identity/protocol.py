@@ -6,7 +6,8 @@ Every piece of identity state has exactly one owner partition and changes only t
     profile      "p|<id>"       -> identifiers, merges, pointer, lock, queue owner: partition of key "<id>"
     event saga   "e|<messageId>"-> the event's resolution under way          owner: partition of key "<messageId>"
     decision     "d|<request>"  -> how a join request was decided (memo)     owners: the survivor's and the younger's
-    resolution   "r|<messageId>"-> the profile the event was resolved to     owner: partition of key "<messageId>"
+    resolution   "r@<hour>|<messageId>" -> the profile the event was resolved to, owner: partition of key "<messageId>";
+                 filed under the hour of its received_at, deleted past the memo horizon (agents/memo.py)
 
 Owners talk through commands on one internal topic, keyed by the owner's key (`Outputs.commands`). An event:
   1. claims each of its identifiers at the identifier's owner: a free one is taken for the event's own fresh
@@ -46,12 +47,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from agents import memo
 from agents.errors import InvalidRecord
 from agents.events import RawEvent
 from agents.identity.commands import check_command
 from agents.identity.identifiers import extract
 from agents.identity.records import (
-    LEFT_OUT, LOG_KEPT, Command, Outputs, Record, Resolved, done_record, event_command, identifier_key,
+    DONE, LEFT_OUT, LOG_KEPT, Command, Outputs, Record, Resolved, event_command, identifier_key,
     identifier_record, log_entry, profile_id_for, profile_record, saga_record,
 )  # fmt: skip
 from agents.identity.rules import IdentityRules
@@ -59,7 +61,7 @@ from agents.identity.settle import Settling
 from agents.state import Overlay, State, check_sizes
 
 __all__ = ["IdentityProtocol", "Outputs", "Resolved", "event_command", "identifier_key", "identifier_record",
-           "profile_id_for", "profile_record", "saga_record", "done_record"]  # fmt: skip
+           "profile_id_for", "profile_record", "saga_record"]  # fmt: skip
 
 
 class IdentityProtocol(Settling):
@@ -99,7 +101,7 @@ class IdentityProtocol(Settling):
         message_id, at = event["message_id"], int(event["timestamp"])
         if state.get(saga_record(message_id)) is not None:
             return  # already under way (the same event re-read)
-        done = state.get(done_record(message_id))
+        _, done = memo.seen(state, DONE, event, message_id)
         if done is not None:  # resolved before (a replay): the same answer, so compute sees the same record again
             out.resolved.append(Resolved(done["p"], done["ids"], event))
             return
@@ -215,7 +217,7 @@ class IdentityProtocol(Settling):
         event, profile_id = saga["event"], saga["current"]
         identifiers = [{"type": t, "value": v} for t, v in saga["all"]]
         out.resolved.append(Resolved(profile_id, identifiers, event))
-        state.put(done_record(event["message_id"]), {"p": profile_id, "ids": identifiers})
+        state.put(memo.memo_key(DONE, event, event["message_id"]), {"p": profile_id, "ids": identifiers})
         for type_, value, rule in saga["demoted"]:
             out.log.append(log_entry("demoted", profile_id, None, [[type_, value]], event["message_id"], saga["at"], rule))
         state.delete(saga_record(event["message_id"]))

@@ -1,7 +1,7 @@
 """The identity stage's records and outputs, shared by the protocol's handlers and by what settles a failed command.
 
 Record keys (each owned by the partition of its Kafka key, agents/identity/protocol.py says why):
-`i|type|value` an identifier, `p|<id>` a profile, `e|<messageId>` an event's saga, `r|<messageId>` its resolution,
+`i|type|value` an identifier, `p|<id>` a profile, `e|<messageId>` an event's saga, `r@<hour>|<messageId>` its resolution,
 `d|<request>` how a join request was decided.
 """
 
@@ -72,8 +72,7 @@ def saga_record(message_id: str) -> str:
     return f"e|{message_id}"
 
 
-def done_record(message_id: str) -> str:
-    return f"r|{message_id}"
+DONE = "r"  # the memo kind of an event's resolution (agents/memo.py): r@<hour of received_at>|<messageId>
 
 
 def event_command(event: RawEvent) -> Command:
