@@ -79,15 +79,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if args.web_port is not None:
         settings = replace(settings, web_port=args.web_port)
     from topology.admin import check_copartitioned
-    from topology.topics import (
-        COMPUTE_COMMANDS, COMPUTE_STATE, EVENTS_ACCEPTED, EVENTS_RAW, EVENTS_RESOLVED, IDENTITY_COMMANDS, IDENTITY_MERGES,
-        IDENTITY_STATE,
-    )  # fmt: skip
+    from topology.graph import copartitioned_pairs
 
-    check_copartitioned(settings, (
-        (EVENTS_ACCEPTED, EVENTS_RAW), (EVENTS_RAW, IDENTITY_COMMANDS), (EVENTS_RAW, IDENTITY_STATE),
-        (EVENTS_RESOLVED, IDENTITY_MERGES), (EVENTS_RESOLVED, COMPUTE_COMMANDS), (EVENTS_RESOLVED, COMPUTE_STATE),
-    ))  # fmt: skip
+    check_copartitioned(settings, copartitioned_pairs())  # the stage specs say which topics meet per partition
     _use_uvloop()
     gc_tuning.tune()
     graph = build(settings)

@@ -61,6 +61,7 @@ class StageSpec:
     writes: tuple[TopicSpec, ...]
     state: tuple[str, ...] = ()
     doc: str = ""
+    copartitioned: tuple[TopicSpec, ...] = ()  # must share a partition count: partition N of each meets at one owner
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -73,20 +74,28 @@ STAGES: tuple[StageSpec, ...] = (
         "dedup", "cdp worker (Faust agent 'dedup')", (EVENTS_ACCEPTED,), (EVENTS_RAW, EVENTS_DEAD_LETTER),
         ("seen-by-message-id: RocksDB per partition, changelog = events.raw",),
         "first sighting of each messageId within ingest.dedup_window passes, to the same partition number",
+        (EVENTS_ACCEPTED, EVENTS_RAW),
     ),
     StageSpec(
         "identity", "cdp worker (Faust agent 'identity')", (EVENTS_RAW, IDENTITY_COMMANDS),
         (EVENTS_RESOLVED, IDENTITY_MERGES, IDENTITY_COMMANDS, IDENTITY_STATE, EVENTS_DEAD_LETTER),
         ("identifiers, profiles, sagas: RocksDB per partition, changelog = identity.state",),
         "resolves every identifier to one profile; owners per identifier/profile/event talk over identity.commands",
+        (EVENTS_RAW, IDENTITY_COMMANDS, IDENTITY_STATE),
     ),
     StageSpec(
         "compute", "cdp worker (Faust agent 'compute')", (EVENTS_RESOLVED, IDENTITY_MERGES, COMPUTE_COMMANDS, DEFINITIONS),
         (PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, COMPUTE_COMMANDS, COMPUTE_STATE, EVENTS_DEAD_LETTER),
         ("trait states, memberships, merge forwards: RocksDB per partition, changelog = compute.state",),
         "computed traits and audiences per profile, folded on merges, windows slid by a clock; changes exactly once",
+        (EVENTS_RESOLVED, IDENTITY_MERGES, COMPUTE_COMMANDS, COMPUTE_STATE),
     ),
 )  # fmt: skip
+
+
+def copartitioned_pairs() -> tuple[tuple[TopicSpec, TopicSpec], ...]:
+    """Every topic a stage co-partitions, paired with the stage's first: what `cdp worker` checks at start."""
+    return tuple((stage.copartitioned[0], other) for stage in STAGES for other in stage.copartitioned[1:])
 
 
 @dataclass
@@ -224,25 +233,28 @@ def build(settings: Settings) -> Graph:
     async def _expire_identity_memos() -> None:
         await identity.expire_memos(int(time.time() * 1000))  # never raises, like every timer body here
 
+    def identity_applied(tp: Any) -> int | None:
+        return identity.applied_offset(tp.partition, tp.topic)
+
+    def compute_applied(tp: Any) -> int | None:
+        return compute.applied_offset(tp.partition, tp.topic)
+
     def metrics() -> list[Metric]:
         counters = dedup.counters
         events = Metric("cdp_dedup_events_total", "counter", "dedup stage decisions")
         events.add(counters.passed, outcome="passed").add(counters.duplicates, outcome="duplicate")
         events.add(counters.dead_lettered, outcome="dead_lettered")
         lag = Metric("cdp_consumer_lag", "gauge", "input records not yet decided, per assigned partition")
+        applied_by = {accepted.get_topic_name(): ("dedup", lambda tp: dedup.applied_offset(tp.partition))}
+        applied_by.update({topic: ("identity", identity_applied) for topic in (identity.topics.raw, identity.topics.commands)})
+        applied_by.update({topic: ("compute", compute_applied) for topic in (compute.topics.resolved, compute.topics.merges,
+                                                                            compute.topics.commands)})  # fmt: skip
         for tp in sorted(app.consumer.assignment()):
-            applied, highwater = dedup.applied_offset(tp.partition), app.consumer.highwater(tp)
-            if tp.topic == accepted.get_topic_name() and applied is not None and highwater is not None:
-                lag.add(max(highwater - applied, 0), stage="dedup", topic=tp.topic, partition=str(tp.partition))
-        for tp in sorted(app.consumer.assignment()):
-            applied, highwater = identity.applied_offset(tp.partition, tp.topic), app.consumer.highwater(tp)
-            if tp.topic in (identity.topics.raw, identity.topics.commands) and applied is not None and highwater is not None:
-                lag.add(max(highwater - applied, 0), stage="identity", topic=tp.topic, partition=str(tp.partition))
-        caught_up = Metric("cdp_dedup_caught_up_total", "counter", "sightings read back from the raw topic")
-        for tp in sorted(app.consumer.assignment()):
-            applied, highwater = compute.applied_offset(tp.partition, tp.topic), app.consumer.highwater(tp)
+            stage, applied_offset = applied_by.get(tp.topic, (None, None))
+            applied, highwater = (applied_offset(tp), app.consumer.highwater(tp)) if applied_offset else (None, None)
             if applied is not None and highwater is not None:
-                lag.add(max(highwater - applied, 0), stage="compute", topic=tp.topic, partition=str(tp.partition))
+                lag.add(max(highwater - applied, 0), stage=stage, topic=tp.topic, partition=str(tp.partition))
+        caught_up = Metric("cdp_dedup_caught_up_total", "counter", "sightings read back from the raw topic")
         ident = Metric("cdp_identity_total", "counter", "identity stage work, by what was done")
         for name, count in vars(identity.counters).items():
             ident.add(count, what=name)
