@@ -48,7 +48,7 @@ from topology.topics import (
 )  # fmt: skip
 
 
-MEMO_SWEEP_S = 60.0  # how often identity drops memos past the horizon (compute does it on its window clock)
+MEMO_SWEEP_S = 10.0  # how often identity drops memos past the horizon (compute does it on its window clock)
 
 
 @dataclass(frozen=True)
