@@ -44,6 +44,7 @@ from topology.topics import ALL_TOPICS, EVENTS_ACCEPTED, EVENTS_RESOLVED
 
 DRAIN_TIMEOUT_S = 1_800.0
 UNSEEN = 150  # definitions on events that never occur, added to the 50 in the "200" configuration
+FLOOR_PASSES = 3
 RENAMED_PROPERTIES = {"amount": "revenue"}  # bench/compute_input's definitions, on the Segment spec's names
 
 
@@ -289,8 +290,9 @@ def throughput(shared: Settings, name: str, worker_count: int, events: int) -> d
             "state_bytes_per_profile": {"rocksdb_files": round(state_dirs / people),
                                         "changelog_written": round(sum(v["bytes"] for v in state_topics.values()) / people)},
         }  # fmt: skip
-        if worker_count == 1:
-            result["floor"] = floor(bench, events)
+        if worker_count == 1:  # the fastest of FLOOR_PASSES: a pass of a few seconds varies by ±25 % on its own
+            passes = [floor(bench, events, n) for n in range(FLOOR_PASSES)]
+            result["floor"] = {**max(passes, key=lambda p: p["events_per_s"]), "passes_events_per_s": [p["events_per_s"] for p in passes]}
             result["ratio_to_floor"] = round(result["events_per_s"] / result["floor"]["events_per_s"], 3)
         print(f"pipeline {name} × {worker_count}: {result['events_per_s']} events/s, worker {result['worker_cpu_us_per_event']} µs, "
               f"broker {result['broker_cpu_us_per_event']} µs, {result['records_per_event']} records / {result['kb_per_event']} KB per event"
@@ -306,14 +308,14 @@ def broker_cpu(bench: Bench) -> float:
 # -- the floor -----------------------------------------------------------------------------------------------
 
 
-def floor(bench: Bench, events: int) -> dict[str, Any]:
+def floor(bench: Bench, events: int, run: int = 0) -> dict[str, Any]:
     """Three hops through the broker in one confluent-kafka loop, one thread, the project's producer settings:
     accepted → decode RawEvent, a dict of seen messageIds → encode → floor.raw; floor.raw → decode, a dict of
     identifiers to profiles → encode ResolvedEvent → floor.resolved; floor.resolved → decode, counts per
     profile → encode ProfileChange → floor.changes. Read from the pipeline's own input, after it finished."""
     settings = bench.settings
     prefix, partitions = settings.topics.prefix, settings.topics.partitions
-    hops = [f"{prefix}.floor.raw", f"{prefix}.floor.resolved", f"{prefix}.floor.changes"]
+    hops = [f"{prefix}.floor{run}.raw", f"{prefix}.floor{run}.resolved", f"{prefix}.floor{run}.changes"]
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     for future in admin.create_topics([NewTopic(t, partitions, 1) for t in hops]).values():
         future.result()
@@ -321,7 +323,7 @@ def floor(bench: Bench, events: int) -> dict[str, Any]:
     raw_codec, resolved_codec = AvroCodec("raw_event", repository), AvroCodec("resolved_event", repository)
     change_codec = AvroCodec("profile_change", repository)
     accepted = EVENTS_ACCEPTED.name(settings)
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{prefix}.floor",
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{prefix}.floor{run}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": True})  # fmt: skip
     consumer.subscribe([accepted, hops[0], hops[1]])
     producer = Producer(producer_config(settings.kafka_bootstrap, 60_000))
