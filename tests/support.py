@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -123,24 +124,30 @@ class Pipeline:
         anything a restarted worker would write twice is on the output by now."""
         group = f"{self.prefix}-pipeline"
         topic = self.topic("events.accepted")
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group, "enable.auto.commit": False})
         try:
             partitions = [TopicPartition(topic, p) for p in range(self.partitions)]
             ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in partitions}
 
-            def committed() -> dict[int, int]:
-                request = [ConsumerGroupTopicPartitions(group, partitions)]
-                result = admin.list_consumer_group_offsets(request)[group].result()
-                return {tp.partition: tp.offset for tp in result.topic_partitions}
-
             def done() -> bool:
-                offsets = committed()
+                offsets = self.committed("events.accepted")
                 return all(end == 0 or offsets.get(p, -1) >= end for p, end in ends.items())
 
             wait_until(done, timeout=timeout, what=f"group {group} to commit {ends}", interval=0.5)
         finally:
             consumer.close()
+
+    def committed(self, suffix: str) -> dict[int, int]:
+        """partition -> the offset the worker group committed on a topic (-1 where it committed none): every input
+        record below it was processed by some worker (a lower bound on a stage's progress that survives a SIGKILL)."""
+        group = f"{self.prefix}-pipeline"
+        partitions = [TopicPartition(self.topic(suffix), p) for p in range(self.partitions)]
+        result = self.admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, partitions)])[group].result()
+        return {tp.partition: tp.offset for tp in result.topic_partitions}
+
+    @cached_property
+    def admin(self) -> AdminClient:
+        return AdminClient({"bootstrap.servers": self.bootstrap})
 
     def read(self, suffix: str, *, until: Callable[[list[Any]], bool], timeout: float = 60, decode: bool = True) -> list[Any]:
         """Every record of a topic from the beginning, read until `until(records)` holds or `timeout` passes."""
