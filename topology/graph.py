@@ -27,7 +27,6 @@ from topology.codecs import AvroCodec, SchemaRepository
 from topology.compute_stage import TICK_S, ComputeCodecs, ComputeStage, ComputeTopics
 from topology.compute_views import ComputeViews
 from topology.config import Settings
-from topology.consumer_tuning import shorten_fetch_wait
 from topology.dedup_stage import DedupStage
 from topology.definitions_feed import DefinitionsFeed
 from topology.gc_tuning import freeze_start_up, gc_seconds
@@ -142,7 +141,6 @@ def worker_data_dir(settings: Settings) -> Path:
 def create_app(settings: Settings) -> faust.App:
     """The Faust app with the settings every stage relies on (docs/design.md says why for each)."""
     worker_data_dir(settings).mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
-    shorten_fetch_wait()  # Faust's 1.5 s fetch wait would add up to 1.5 s per hop (topology/consumer_tuning.py)
     return faust.App(
         pipeline_group(settings),  # the app id is the consumer group the ingest reads the lag of
         broker=f"kafka://{settings.kafka_bootstrap}",
