@@ -154,6 +154,7 @@ def topic_traffic(settings: Settings) -> dict[str, dict[str, Any]]:
             left = {p for p in partitions if consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] > 0}
             records = size = 0
             kinds: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0])
+            live: dict[bytes, int] = {}  # key -> size of its last value: what the compacted changelog converges to
             if left:
                 consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in left])
                 while left:
@@ -164,12 +165,18 @@ def topic_traffic(settings: Settings) -> dict[str, dict[str, Any]]:
                             length = len(message.key() or b"") + len(message.value() or b"")
                             size += length
                             if spec.compacted:
-                                kind = kinds[(message.key() or b"").split(b"|", 1)[0].decode(errors="replace")]
+                                key = message.key() or b""
+                                kind = kinds[key.split(b"|", 1)[0].decode(errors="replace")]
                                 kind[0] += 1
                                 kind[1] += length
+                                if message.value() is None:
+                                    live.pop(key, None)
+                                else:
+                                    live[key] = length
                         elif error.code() == KafkaError._PARTITION_EOF:
                             left.discard(message.partition())
-            out[spec.suffix] = {"records": records, "bytes": size, **({"by_kind": dict(kinds)} if kinds else {})}
+            out[spec.suffix] = {"records": records, "bytes": size,
+                                **({"by_kind": dict(kinds), "live_bytes": sum(live.values())} if kinds else {})}  # fmt: skip
     finally:
         consumer.close()
     return out
@@ -287,7 +294,8 @@ def throughput(shared: Settings, name: str, worker_count: int, events: int) -> d
                                     for t, v in written.items() if v["records"]},
             "disk_bytes_per_event": {t: round((b - disk0.get(t, 0)) / events) for t, b in sorted(disk.items()) if b - disk0.get(t, 0) > 0},
             "worker_peak_rss_mib": rss,
-            "state_bytes_per_profile": {"rocksdb_files": round(state_dirs / people),
+            "state_bytes_per_profile": {"live": round(sum(v.get("live_bytes", 0) for v in state_topics.values()) / people),
+                                        "rocksdb_files": round(state_dirs / people),
                                         "changelog_written": round(sum(v["bytes"] for v in state_topics.values()) / people)},
         }  # fmt: skip
         if worker_count == 1:  # the fastest of FLOOR_PASSES: a pass of a few seconds varies by ±25 % on its own
