@@ -8,6 +8,8 @@ a clock that moves an hour per round and a horizon of three hours (`topics.memo_
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,23 @@ T0 = 1_750_000_000_000 - 1_750_000_000_000 % HOUR_MS
 HORIZON = 3 * HOUR_MS
 PROFILES, PER_HOUR, HOURS = 20, 3, 14
 TRAITS = [{"key": "orders", "kind": "count", "event": "Order Completed"}]
+
+
+@pytest.fixture(autouse=True)
+def an_event_loop() -> Iterator[None]:
+    """The compute stage schedules its backfill runs with asyncio.ensure_future when it meets definitions: give
+    it a loop of its own (the harness never runs it; the tasks are cancelled before they start)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        yield
+    finally:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()
+        asyncio.set_event_loop(None)
 
 
 def state_size(harness: stage_harness.OnePartition) -> tuple[int, int]:
