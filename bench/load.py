@@ -28,6 +28,7 @@ class LoadResult:
     events: int = 0
     requests: int = 0
     failed: int = 0
+    retried: int = 0  # answers 429/503, each sent again after Retry-After
     seconds: float = 0.0
     statuses: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
@@ -69,16 +70,22 @@ async def _run(url: str, write_key: str, events: int, batch_size: int, concurren
             if interval:
                 await asyncio.sleep(max(0.0, start + sent * interval - time.perf_counter()))
             body = bodies[sent]
-            t0 = time.perf_counter()
-            try:
-                async with session.post(f"{url}/v1/batch", data=body, auth=auth, headers={"Content-Type": "application/json"}) as response:
-                    await response.read()
-                    status = str(response.status)
-            except aiohttp.ClientError as exc:
-                status = type(exc).__name__
-            result.latencies_ms.append((time.perf_counter() - t0) * 1000)
-            result.requests += 1
-            result.statuses[status] = result.statuses.get(status, 0) + 1
+            while True:  # as every Segment SDK does: a 429 or 503 is sent again after its Retry-After
+                t0 = time.perf_counter()
+                retry_after = None
+                try:
+                    async with session.post(f"{url}/v1/batch", data=body, auth=auth, headers={"Content-Type": "application/json"}) as response:
+                        await response.read()
+                        status, retry_after = str(response.status), response.headers.get("Retry-After")
+                except aiohttp.ClientError as exc:
+                    status = type(exc).__name__
+                result.latencies_ms.append((time.perf_counter() - t0) * 1000)
+                result.requests += 1
+                result.statuses[status] = result.statuses.get(status, 0) + 1
+                if status not in ("429", "503"):
+                    break
+                result.retried += 1
+                await asyncio.sleep(float(retry_after or 1))
             if status == "200":
                 result.events += batch_size
             else:
@@ -93,7 +100,7 @@ async def _run(url: str, write_key: str, events: int, batch_size: int, concurren
 
 def generate(url: str, write_key: str, *, events: int, batch_size: int = 100, concurrency: int = 8, rate: float = 0) -> LoadResult:
     """Send about `events` distinct, realistic calls (bench/traffic.py) in /v1/batch requests; `rate` events/s,
-    0 for flat out."""
+    0 for flat out. A 429 or 503 is retried after its Retry-After, as Segment's SDKs do."""
     return asyncio.run(_run(url, write_key, events, batch_size, concurrency, rate))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -32,7 +33,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from agents.ingest.tracking import to_raw_event
-from bench.common import REPO_ROOT, Bench, bench_pipeline, cpu_seconds, produce_all, write_report
+from bench.common import REPO_ROOT, WRITE_KEY, Bench, bench_pipeline, cpu_seconds, produce_all, wait_healthy, write_report
 from bench.compute import ADMIN_TOKEN, METRIC_LINE, LABEL, Collector, percentile, summary, wait_definitions_settled
 from bench.compute_input import definitions
 from bench.identity import wait_group_stable, workers
@@ -441,11 +442,68 @@ def steady(settings: Settings, codec: AvroCodec, calls: Sequence[dict[str, Any]]
     return sent
 
 
+# -- flood ---------------------------------------------------------------------------------------------------
+
+
+def flood(shared: Settings, seconds: float, events: int = 300_000) -> dict[str, Any]:
+    """One worker and a real `cdp ingest` (default `ingest.max_lag`), flooded by bench/load.py flat out (8
+    connections, each 429 retried after its Retry-After as SDKs do) for `seconds`; every second: events the
+    ingest accepted and compute applied, the lag the ingest reads, 429s. Then until compute applied every event
+    the ingest answered 200 for."""
+    config = copy.deepcopy(example_definitions())
+    with bench_pipeline(shared, config) as bench:
+        with settled_workers(bench, 1) as (urls, _):
+            ingest = subprocess.Popen([sys.executable, "-m", "topology.cli", "ingest"], env=bench.env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+            url = f"http://127.0.0.1:{bench.settings.ingest_port}"
+            try:
+                wait_healthy(url)
+                load = subprocess.Popen([sys.executable, "-m", "bench.load", url, WRITE_KEY, "--events", str(events)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                samples, last = [], (0.0, 0.0, 0.0)
+                started = time.monotonic()
+                while time.monotonic() - started < seconds and load.poll() is None:
+                    time.sleep(max(0.0, started + len(samples) + 1 - time.monotonic()))
+                    front, back = ingest_figures(url), summed([scrape(u) for u in urls], "compute")["events"]
+                    now = (front["accepted"], back, front["refused"])
+                    samples.append({"s": len(samples) + 1, "accepted": int(now[0] - last[0]), "applied": int(now[1] - last[1]),
+                                    "refused_429": int(now[2] - last[2]), "lag": front["lag"]})  # fmt: skip
+                    last = now
+                load.terminate()
+                load.wait(30)
+                accepted = ingest_figures(url)["accepted"]
+                deadline = time.monotonic() + DRAIN_TIMEOUT_S
+                while summed([scrape(u) for u in urls], "compute")["events"] < accepted and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                applied = summed([scrape(u) for u in urls], "compute")["events"]
+            finally:
+                ingest.terminate()
+                ingest.wait(30)
+    kept_up = sum(1 for x in samples if x["applied"] >= 0.8 * x["accepted"] or x["refused_429"])
+    return {"seconds": len(samples), "max_lag_bound": bench.settings.ingest.max_lag, "accepted": int(accepted),
+            "applied_after_drain": int(applied), "lost": int(accepted - applied), "max_lag_read": max((x["lag"] for x in samples), default=0),
+            "seconds_applied_80pct_or_429": kept_up, "per_second": samples}  # fmt: skip
+
+
+def ingest_figures(url: str) -> dict[str, float]:
+    """The ingest's /metrics: events accepted, requests refused with 429, the pipeline lag it last read."""
+    found = {"accepted": 0.0, "refused": 0.0, "lag": 0.0}
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == "cdp_ingest_events_total":
+            found["accepted"] = float(value)
+        elif name.startswith("cdp_ingest_responses_total") and 'status="429"' in name:
+            found["refused"] = float(value)
+        elif name.startswith("cdp_ingest_pipeline_lag{"):
+            found["lag"] += float(value)
+    return found
+
+
 # -- the whole bench -----------------------------------------------------------------------------------------
 
 
 def run_pipeline_bench(settings: Settings, *, events: int, configurations: Sequence[str], worker_counts: Sequence[int],
-                       latency_seconds: float, out: Path | None) -> str:  # fmt: skip
+                       latency_seconds: float, out: Path | None, flood_seconds: float = 0) -> str:  # fmt: skip
     started = time.perf_counter()
     with bench_pipeline(settings) as probe:
         header = probe.header("pipeline")
@@ -458,6 +516,8 @@ def run_pipeline_bench(settings: Settings, *, events: int, configurations: Seque
     one = next((r for r in runs if r["configuration"] == "example" and r["workers"] == 1), None)
     if latency_seconds and one is not None:
         report["latency"] = latency(settings, round(one["events_per_s"] / 2, -1), latency_seconds)
+    if flood_seconds:
+        report["flood"] = flood(settings, flood_seconds)
     report["total_seconds"] = round(time.perf_counter() - started)
     table = render_table(report)
     print(table, file=sys.stderr)
@@ -479,4 +539,9 @@ def render_table(report: dict[str, Any]) -> str:
     if report.get("latency"):
         lat = report["latency"]
         lines.append(f"\nlatency at {lat['offered_events_per_s']}/s: {lat['latency_ms']}")
+    if report.get("flood"):
+        f = report["flood"]
+        lines.append(f"\nflood {f['seconds']} s: accepted {f['accepted']:,}, applied {f['applied_after_drain']:,} (lost {f['lost']}), "
+                     f"max lag read {f['max_lag_read']:,.0f} (bound {f['max_lag_bound']:,}), seconds applying ≥ 80 % of accepted "
+                     f"or answering 429: {f['seconds_applied_80pct_or_429']}/{f['seconds']}")  # fmt: skip
     return "\n".join(lines)

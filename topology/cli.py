@@ -174,9 +174,9 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.stage == "pipeline":
         from bench.pipeline import run_pipeline_bench
 
-        print(run_pipeline_bench(settings, events=events, configurations=args.configurations.split(","),
+        print(run_pipeline_bench(settings, events=events, configurations=[c for c in args.configurations.split(",") if c],
                                  worker_counts=[int(w) for w in args.workers.split(",")], latency_seconds=args.latency_seconds,
-                                 out=args.out))  # fmt: skip
+                                 flood_seconds=args.flood_seconds, out=args.out))  # fmt: skip
     elif args.stage == "ingest":
         from bench.ingest import run_ingest_bench
 
@@ -245,6 +245,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--configurations", default="example,50,200", help="pipeline: definition sets (example, 50, 200)")
     bench.add_argument("--workers", default="1,2", help="pipeline: worker counts (2 and more run the example config)")
     bench.add_argument("--latency-seconds", type=float, default=20.0, help="pipeline: steady-rate run length, 0 for none")
+    bench.add_argument("--flood-seconds", type=float, default=60.0, help="pipeline: HTTP flood run length, 0 for none")
     return root
 
 
