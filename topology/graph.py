@@ -47,6 +47,7 @@ from topology.topics import (
 )  # fmt: skip
 
 
+FETCH_BYTES_PER_PARTITION = 64 * 1024  # Faust's default is 1 MiB (docs/design.md: Faust settings)
 MEMO_SWEEP_S = 10.0  # how often identity drops memos past the horizon (compute does it on its window clock)
 
 
@@ -153,7 +154,8 @@ def create_app(settings: Settings) -> faust.App:
         processing_guarantee="at_least_once",
         stream_wait_empty=True,
         broker_commit_interval=1.0,
-        broker_session_timeout=15.0,  # a dead worker's partitions move after 15 s, not Faust's 60 s
+        broker_session_timeout=15.0,
+        consumer_max_fetch_size=FETCH_BYTES_PER_PARTITION,  # a backlog on one input must not crowd the others out  # a dead worker's partitions move after 15 s, not Faust's 60 s
         web_port=settings.web_port,
         web_bind=settings.web_bind,  # views show personal data: loopback unless CDP_WEB_BIND says otherwise
         canonical_url=f"http://{settings.web_host}:{settings.web_port}",  # what other workers call for views
