@@ -47,6 +47,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def broker_cpu(bench: Bench) -> float:
+    """CPU seconds of the local broker so far (0 on a cluster this bench did not start)."""
+    return cpu_seconds(bench.broker_pid) if bench.broker_pid else 0.0
+
+
 def wait_healthy(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:

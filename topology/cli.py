@@ -172,7 +172,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
                 "pipeline": 60_000}  # per configuration
     events = args.events if args.events is not None else defaults[args.stage]
     if args.stage == "pipeline":
-        from bench.pipeline import run_pipeline_bench
+        from bench.pipeline_bench import run_pipeline_bench
 
         print(run_pipeline_bench(settings, events=events, configurations=[c for c in args.configurations.split(",") if c],
                                  worker_counts=[int(w) for w in args.workers.split(",")], latency_seconds=args.latency_seconds,

@@ -196,9 +196,7 @@ class ComputeStage(PartitionedStage):
         await super().run(stream)
 
     async def tick(self) -> None:
-        """Re-evaluate every owned partition's profiles whose window slid, and drop memos past the horizon; never
-        raises (a timer must not die)."""
-        await self.expire_memos(int(self.now()))
+        """Re-evaluate every owned partition's profiles whose window slid; never raises (a timer must not die)."""
         if not self.live_ready():
             return
         for partition in sorted(self.owned()):

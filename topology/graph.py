@@ -48,7 +48,7 @@ from topology.topics import (
 
 
 FETCH_BYTES_PER_PARTITION = 64 * 1024  # Faust's default is 1 MiB (docs/design.md: Faust settings)
-MEMO_SWEEP_S = 10.0  # how often identity drops memos past the horizon (compute does it on its window clock)
+MEMO_SWEEP_S = 10.0  # how often identity and compute drop memos past the horizon (agents/memo.py)
 
 
 @dataclass(frozen=True)
@@ -230,8 +230,9 @@ def build(settings: Settings) -> Graph:
         await compute.tick()  # never raises: an exception escaping a timer would kill the worker
 
     @app.timer(interval=MEMO_SWEEP_S)
-    async def _expire_identity_memos() -> None:
-        await identity.expire_memos(int(time.time() * 1000))  # never raises, like every timer body here
+    async def _expire_memos() -> None:
+        await identity.expire_memos(int(time.time() * 1000))  # never raise, like every timer body here
+        await compute.expire_memos(compute.now())
 
     def identity_applied(tp: Any) -> int | None:
         return identity.applied_offset(tp.partition, tp.topic)
