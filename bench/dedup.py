@@ -1,4 +1,4 @@
-"""`cdp bench dedup`: the dedup stage (a Faust agent) beside a raw confluent-kafka consume→produce loop.
+"""`cdp bench dedup`: the dedup stage (a worker stage) beside a raw confluent-kafka consume→produce loop.
 
 Both read the same pre-filled `events.accepted` (distinct messageIds plus a share of repeats) and write to a
 topic of their own; the stage decodes, decides, writes acks=all and persists its RocksDB state per batch, the

@@ -1,4 +1,4 @@
-"""`cdp bench identity`: the identity stage (a Faust agent, 1 and 2 workers) at merge shares 0, 5 and 30 %,
+"""`cdp bench identity`: the identity stage (1 and 2 workers) at merge shares 0, 5 and 30 %,
 beside a raw confluent-kafka consume→decode→encode→produce loop.
 
 The input is a synthetic population written straight to `events.raw`: new people (userId + anonymousId, one

@@ -23,27 +23,12 @@ from agents.identity.rules import IdentityRules
 from tests.poison import CODECS
 from topology.compute_stage import ComputeCodecs, ComputeStage, ComputeTopics
 from topology.identity_stage import IdentityCodecs, IdentityStage, IdentityTopics
+from topology.input_feed import InputRecord as Message
 from topology.partitioned_stage import PartitionedStage
 from topology.producer import Record
 from topology.state_store import StateStore
 
 DEAD_LETTER = "t.events.dead-letter"
-
-
-@dataclass(frozen=True)
-class Message:
-    """The part of a Faust message the stages read."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
-@dataclass(frozen=True)
-class Event:
-    message: Message
 
 
 @dataclass
@@ -66,8 +51,8 @@ class OnePartition:
         for _ in range(max_batches):
             if not self.pending:
                 return
-            events = [Event(self.pending.popleft()) for _ in range(min(batch, len(self.pending)))]
-            decision = self.stage.decide(0, self.store, events)
+            records = [self.pending.popleft() for _ in range(min(batch, len(self.pending)))]
+            decision = self.stage.decide(0, self.store, records)
             self.store.apply(decision.tx.changes, (self.store.changelog_next or 0) + 1)
             items = [item for item, _ in decision.out.sealed]
             for record in [*decision.letters, *decision.out.atomic, *self.stage.outbox_records(items)]:

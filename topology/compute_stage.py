@@ -40,6 +40,7 @@ from agents.events import ResolvedEvent
 from agents.state import Overlay
 from topology.codecs import AvroCodec
 from topology.dead_letters import DeadLetters
+from topology.input_feed import InputFeed
 from topology.partition_reader import catch_up_consumer, read_range
 from topology.partitioned_stage import (
     Failure, Output, PartitionedStage, StageIO, command_bytes, command_records, commands_of,
@@ -188,12 +189,12 @@ class ComputeStage(PartitionedStage):
     def outbox_records(self, items: Sequence[Any]) -> list[Record]:
         return command_records([(key, command) for key, command in items], self.topics.commands, self.codecs.command, self.partitions)
 
-    async def run(self, stream: Any) -> None:
+    async def run(self, feed: InputFeed) -> None:
         """Not before the definitions feed has read the whole topic: a definition missing for a moment would look
         new when it comes back, and be backfilled over events already counted for it."""
         while not self.live_ready():
             await asyncio.sleep(0.1)
-        await super().run(stream)
+        await super().run(feed)
 
     async def tick(self) -> None:
         """Re-evaluate every owned partition's profiles whose window slid; never raises (a timer must not die)."""

@@ -8,7 +8,7 @@ per-partition SeenStore (see topology/seen_store.py). Order of effects per batch
      no value, isn't a RawEvent as the ingest writes it, or was received more than MAX_AHEAD_MS ahead of this
      worker's clock, which would drag the partition's stream time into the future and forget every sighting);
   3. write outputs and dead letters and wait until Kafka acknowledged all of them;
-  4. remember the sightings with the raw offset they reach; Faust commits the input offsets after that.
+  4. remember the sightings with the raw offset they reach; the input offsets are committed after that.
 A SIGKILL anywhere re-reads some inputs after restart; step 1 has already put their outputs in the store, so
 they are dropped, not written twice. Nothing is committed before its output is acknowledged, so nothing is lost.
 
@@ -20,8 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from agents.events import RawEvent
 from agents.ingest.dedup import Sightings, first_sightings
 from topology.codecs import AvroCodec
 from topology.dead_letters import DeadLetters
+from topology.input_feed import InputFeed, InputRecord, Polled, drive
 from topology.partition_reader import catch_up_consumer, read_chunks
 from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.seen_store import SeenStore
@@ -58,6 +58,8 @@ class DedupCounters:
 
 class DedupStage:
     """One instance per worker process; owns a SeenStore per assigned partition."""
+
+    name = "dedup"
 
     def __init__(
         self,
@@ -85,6 +87,7 @@ class DedupStage:
         self.health = PartitionHealth("dedup")
         self._stores: dict[int, SeenStore] = {}
         self._stale: set[int] = set()
+        self.feed: InputFeed | None = None
 
     def on_partitions_assigned(self, partitions: set[int]) -> None:
         """Another worker may have written to raw while we did not own these: catch up before the next batch."""
@@ -106,24 +109,23 @@ class DedupStage:
         self._stale |= partitions
         self.health.forget(partitions)
 
-    async def run(self, stream: AsyncIterable[Any]) -> None:
-        """The Faust agent body: batches of events, each partition's share in offset order."""
-        async for events in stream.take_events(self.batch_size, within=self.batch_within):  # type: ignore[attr-defined]
-            by_partition: dict[int, list[Any]] = defaultdict(list)
-            for event in events:
-                by_partition[event.message.partition].append(event)
-            # Partitions are independent (own store, own raw partition): wait for their acks side by side.
-            await asyncio.gather(*(self._process_until_written(p, batch) for p, batch in by_partition.items()))
+    async def run(self, feed: InputFeed) -> None:
+        """Read events.accepted for ever: batches, each partition's in offset order."""
+        self.feed = feed
+        await drive(feed, self._process_until_written)
 
-    async def _process_until_written(self, partition: int, events: Sequence[Any]) -> None:
-        """Retry a batch until Kafka takes it: giving up would let Faust commit inputs whose outputs were lost."""
-        await until_done(self.health, partition, lambda: self._process(partition, events),
-                         on_retry=lambda: self._stale.add(partition))  # fmt: skip  (outputs may have landed: find them)
+    async def _process_until_written(self, polled: Polled) -> None:
+        """Retry a batch until Kafka takes it: giving up would let its offsets be committed with outputs lost."""
+        await until_done(self.health, polled.partition, lambda: self._process(polled),
+                         on_retry=lambda: self._stale.add(polled.partition))  # fmt: skip  (outputs may have landed: find them)
 
-    async def _process(self, partition: int, events: Sequence[Any]) -> None:
+    async def _process(self, polled: Polled) -> None:
+        if self.feed is not None and not self.feed.current(polled):
+            return  # read before a rebalance: the partition's new assignment reads these again, in order
+        partition = polled.partition
         store = await self._ready_store(partition)
         applied = store.next_input
-        events = [event for event in events if event.message.offset >= applied]  # re-read after a crash: done
+        events = [record for record in polled.records if record.offset >= applied]  # re-read after a crash: done
         if not events:
             return
         with spent_by("dedup"):
@@ -136,19 +138,18 @@ class DedupStage:
             raise DeliveryFailed(f"{self.raw_topic}[{partition}] moved from {store.next_offset} to {min(raw_offsets)} under us")
         next_offset = max(raw_offsets) + 1 if raw_offsets else store.next_offset
         with spent_by("dedup"):
-            store.remember(out.remember, next_offset, out.stream_time, events[-1].message.offset + 1)
+            store.remember(out.remember, next_offset, out.stream_time, events[-1].offset + 1)
             store.forget_before(out.stream_time - self.window_ms)
         self.counters.passed += len(out.passed)
         self.counters.duplicates += decoded - len(out.passed)
         self.counters.dead_lettered += len(records) - len(out.passed)
 
-    def decide(self, partition: int, store: SeenStore, events: Sequence[Any], now_ms: float) -> tuple[list[Record], Sightings, int]:
+    def decide(self, partition: int, store: SeenStore, events: Sequence[InputRecord], now_ms: float) -> tuple[list[Record], Sightings, int]:
         """(records to write: first sightings and dead letters, the dedup decision, how many records decoded) for a
         batch, before anything is written. Whatever one record raises costs that record, never the partition."""
         decoded: list[tuple[RawEvent, bytes]] = []
         records: list[Record] = []
-        for event in events:
-            message = event.message
+        for message in events:
             try:
                 decoded.append((self.decode(message.value, now_ms + MAX_AHEAD_MS), message.value))
             except RETRIED:

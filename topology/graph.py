@@ -14,12 +14,16 @@ wired; the other topics of the product are declared in topology/topics.py and cr
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from agents.identity.protocol import IdentityProtocol
 from topology import worker_web
@@ -34,6 +38,7 @@ from topology.http import IngestServer
 from topology.http_common import json_errors, json_protocol_errors
 from topology.identity_stage import IdentityCodecs, IdentityStage, IdentityTopics
 from topology.identity_views import IdentityViews
+from topology.input_feed import InputFeed, commit_offsets, never_fetch
 from topology.metrics import Metric, process_cpu
 from topology.pipeline_lag import KafkaLagReader, PipelineLag, pipeline_group
 from topology.producer import MAX_RECORD_BYTES, AsyncProducer, producer_config
@@ -47,7 +52,8 @@ from topology.topics import (
 )  # fmt: skip
 
 
-FETCH_BYTES_PER_PARTITION = 64 * 1024  # Faust's default is 1 MiB (docs/design.md: Faust settings)
+log = logging.getLogger(__name__)
+COMMIT_INTERVAL_S = 1.0  # input offsets committed to the group: what a crash re-reads at most, what the lag counts
 MEMO_SWEEP_S = 10.0  # how often identity and compute drop memos past the horizon (agents/memo.py)
 
 
@@ -71,20 +77,20 @@ STAGES: tuple[StageSpec, ...] = (
         "validates Segment calls, answers 200 after Kafka acks=all; key messageId",
     ),
     StageSpec(
-        "dedup", "cdp worker (Faust agent 'dedup')", (EVENTS_ACCEPTED,), (EVENTS_RAW, EVENTS_DEAD_LETTER),
+        "dedup", "cdp worker (stage 'dedup', read in batches beneath Faust)", (EVENTS_ACCEPTED,), (EVENTS_RAW, EVENTS_DEAD_LETTER),
         ("seen-by-message-id: RocksDB per partition, changelog = events.raw",),
         "first sighting of each messageId within ingest.dedup_window passes, to the same partition number",
         (EVENTS_ACCEPTED, EVENTS_RAW),
     ),
     StageSpec(
-        "identity", "cdp worker (Faust agent 'identity')", (EVENTS_RAW, IDENTITY_COMMANDS),
+        "identity", "cdp worker (stage 'identity', read in batches beneath Faust)", (EVENTS_RAW, IDENTITY_COMMANDS),
         (EVENTS_RESOLVED, IDENTITY_MERGES, IDENTITY_COMMANDS, IDENTITY_STATE, EVENTS_DEAD_LETTER),
         ("identifiers, profiles, sagas: RocksDB per partition, changelog = identity.state",),
         "resolves every identifier to one profile; owners per identifier/profile/event talk over identity.commands",
         (EVENTS_RAW, IDENTITY_COMMANDS, IDENTITY_STATE),
     ),
     StageSpec(
-        "compute", "cdp worker (Faust agent 'compute')", (EVENTS_RESOLVED, IDENTITY_MERGES, COMPUTE_COMMANDS, DEFINITIONS),
+        "compute", "cdp worker (stage 'compute', read in batches beneath Faust)", (EVENTS_RESOLVED, IDENTITY_MERGES, COMPUTE_COMMANDS, DEFINITIONS),
         (PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, COMPUTE_COMMANDS, COMPUTE_STATE, EVENTS_DEAD_LETTER),
         ("trait states, memberships, merge forwards: RocksDB per partition, changelog = compute.state",),
         "computed traits and audiences per profile, folded on merges, windows slid by a clock; changes exactly once",
@@ -154,8 +160,7 @@ def create_app(settings: Settings) -> faust.App:
         processing_guarantee="at_least_once",
         stream_wait_empty=True,
         broker_commit_interval=1.0,
-        broker_session_timeout=15.0,
-        consumer_max_fetch_size=FETCH_BYTES_PER_PARTITION,  # a backlog on one input must not crowd the others out  # a dead worker's partitions move after 15 s, not Faust's 60 s
+        broker_session_timeout=15.0,  # a dead worker's partitions move after 15 s, not Faust's 60 s
         web_port=settings.web_port,
         web_bind=settings.web_bind,  # views show personal data: loopback unless CDP_WEB_BIND says otherwise
         canonical_url=f"http://{settings.web_host}:{settings.web_port}",  # what other workers call for views
@@ -175,10 +180,6 @@ def build(settings: Settings) -> Graph:
     app = create_app(settings)
     codecs = Codecs(settings)
     producer = _LazyProducer(settings)
-    accepted = app.topic(
-        EVENTS_ACCEPTED.name(settings), key_type=bytes, value_type=bytes,
-        key_serializer="raw", value_serializer="raw", partitions=EVENTS_ACCEPTED.partition_count(settings),
-    )  # fmt: skip
     dedup = DedupStage(
         accepted_topic=EVENTS_ACCEPTED.name(settings),
         raw_topic=EVENTS_RAW.name(settings),
@@ -190,13 +191,18 @@ def build(settings: Settings) -> Graph:
         bootstrap=settings.kafka_bootstrap,
         producer=producer,
     )
-    app.agent(accepted, name="dedup")(dedup.run)
     identity = _identity_stage(app, settings, codecs, producer)
     definitions = DefinitionsFeed(
         bootstrap=settings.kafka_bootstrap, topic=DEFINITIONS.name(settings), codec=codecs.for_topic(DEFINITIONS),
         traits=settings.traits, audiences=settings.audiences, destinations=settings.destinations,
     )  # fmt: skip
     compute = _compute_stage(app, settings, codecs, producer, definitions)
+    feeds = {
+        stage: InputFeed(stage.name, settings.kafka_bootstrap, pipeline_group(settings), inputs)
+        for stage, inputs in ((dedup, [dedup.accepted_topic]), (identity, [identity.topics.raw, identity.topics.commands]),
+                              (compute, [compute.topics.resolved, compute.topics.merges, compute.topics.commands]))
+    }  # fmt: skip
+    _read_beneath_faust(app, feeds)
     owners = app.assignor.external_topics_metadata
     compute_views = ComputeViews(
         Router(compute, compute.topics.resolved, EVENTS_RESOLVED.partition_count(settings), owners),
@@ -210,15 +216,23 @@ def build(settings: Settings) -> Graph:
 
     @app.on_partitions_revoked.connect
     async def _stop_writing_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
-        dedup.on_partitions_revoked(partitions(revoked, accepted.get_topic_name()))
+        for feed in feeds.values():  # first: no batch of these is read or taken from now on
+            await feed.revoke(partitions(revoked, feed.topics[0]))
+        dedup.on_partitions_revoked(partitions(revoked, dedup.accepted_topic))
         await identity.on_partitions_revoked(partitions(revoked, identity.topics.commands))
         await compute.on_partitions_revoked(partitions(revoked, compute.topics.resolved))
 
     @app.on_partitions_assigned.connect
     async def _catch_up_on_assignment(sender: Any, assigned: Any, **kwargs: Any) -> None:
-        dedup.on_partitions_assigned(partitions(assigned, accepted.get_topic_name()))
+        dedup.on_partitions_assigned(partitions(assigned, dedup.accepted_topic))
         identity.on_partitions_assigned(partitions(assigned, identity.topics.commands))
         compute.on_partitions_assigned(partitions(assigned, compute.topics.resolved))
+        for feed in feeds.values():
+            await feed.assign(partitions(assigned, feed.topics[0]))
+
+    @app.timer(interval=COMMIT_INTERVAL_S)
+    async def _commit_inputs() -> None:
+        await commit_offsets(app, list(feeds.values()))  # never raises, like every timer body here
 
     @app.task
     async def _follow_definitions() -> None:
@@ -246,15 +260,12 @@ def build(settings: Settings) -> Graph:
         events.add(counters.passed, outcome="passed").add(counters.duplicates, outcome="duplicate")
         events.add(counters.dead_lettered, outcome="dead_lettered")
         lag = Metric("cdp_consumer_lag", "gauge", "input records not yet decided, per assigned partition")
-        applied_by = {accepted.get_topic_name(): ("dedup", lambda tp: dedup.applied_offset(tp.partition))}
-        applied_by.update({topic: ("identity", identity_applied) for topic in (identity.topics.raw, identity.topics.commands)})
-        applied_by.update({topic: ("compute", compute_applied) for topic in (compute.topics.resolved, compute.topics.merges,
-                                                                            compute.topics.commands)})  # fmt: skip
-        for tp in sorted(app.consumer.assignment()):
-            stage, applied_offset = applied_by.get(tp.topic, (None, None))
-            applied, highwater = (applied_offset(tp), app.consumer.highwater(tp)) if applied_offset else (None, None)
-            if applied is not None and highwater is not None:
-                lag.add(max(highwater - applied, 0), stage=stage, topic=tp.topic, partition=str(tp.partition))
+        applied_by = {dedup: lambda tp: dedup.applied_offset(tp.partition), identity: identity_applied, compute: compute_applied}
+        for stage, feed in feeds.items():
+            for tp in sorted(TP(topic, partition) for topic in feed.topics for partition in feed.owned()):
+                applied, highwater = applied_by[stage](tp), feed.highwater(tp.topic, tp.partition)
+                if applied is not None and highwater is not None:
+                    lag.add(max(highwater - applied, 0), stage=stage.name, topic=tp.topic, partition=str(tp.partition))
         caught_up = Metric("cdp_dedup_caught_up_total", "counter", "sightings read back from the raw topic")
         ident = Metric("cdp_identity_total", "counter", "identity stage work, by what was done")
         for name, count in vars(identity.counters).items():
@@ -281,6 +292,34 @@ def build(settings: Settings) -> Graph:
     return Graph(app=app, dedup=dedup, identity=identity, compute=compute, definitions=definitions)
 
 
+def _read_beneath_faust(app: faust.App, feeds: dict[Any, InputFeed]) -> None:
+    """Each stage reads its inputs through its own InputFeed, in a task of the app. Faust's consumer stays
+    subscribed to them (its group assigns them, co-partitioned by count, and routes the views) but never fetches
+    them (topology/input_feed.py says why)."""
+    topics = [topic for feed in feeds.values() for topic in feed.topics]
+    for feed in feeds.values():
+        aiter(app.topic(*feed.topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"))  # subscribes
+    never_fetch(app.consumer, topics)
+    for stage, feed in feeds.items():
+        app.task(_reader(app, stage, feed))
+
+
+def _reader(app: faust.App, stage: Any, feed: InputFeed) -> Callable[[], Awaitable[None]]:
+    async def read() -> None:
+        try:
+            await stage.run(feed)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a bug: a worker that no longer reads must not look alive
+            log.exception("%s: reading its inputs failed; stopping the worker", stage.name)
+            await app.crash(exc)
+        finally:
+            await feed.close()
+
+    read.__name__ = f"read_{stage.name}"
+    return read
+
+
 def _identity_stage(app: faust.App, settings: Settings, codecs: Codecs, producer: _LazyProducer) -> IdentityStage:
     """The identity agent: one stream over events.raw and identity.commands (co-partitioned, one store each)."""
     topics = IdentityTopics(
@@ -302,11 +341,6 @@ def _identity_stage(app: faust.App, settings: Settings, codecs: Codecs, producer
         bootstrap=settings.kafka_bootstrap,
         producer=producer,
     )
-    channel = app.topic(
-        topics.raw, topics.commands, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-        partitions=EVENTS_RAW.partition_count(settings),
-    )  # fmt: skip
-    app.agent(channel, name="identity")(stage.run)
     return stage
 
 
@@ -336,11 +370,6 @@ def _compute_stage(app: faust.App, settings: Settings, codecs: Codecs, producer:
         bootstrap=settings.kafka_bootstrap,
         producer=producer,
     )
-    channel = app.topic(
-        topics.resolved, topics.merges, topics.commands, key_type=bytes, value_type=bytes, key_serializer="raw",
-        value_serializer="raw", partitions=EVENTS_RESOLVED.partition_count(settings),
-    )  # fmt: skip
-    app.agent(channel, name="compute")(stage.run)
     return stage
 
 

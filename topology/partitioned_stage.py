@@ -1,8 +1,8 @@
 """A stateful stage on a Faust stream: one RocksDB store per partition, mirrored from a compacted changelog, with
 every batch's decisions made durable before anything leaves. The identity and compute stages are built on it.
 
-The stage's agent reads co-partitioned input topics, so partition N of each lands on one worker and shares
-store N. Per batch and partition:
+The stage reads co-partitioned input topics (topology/input_feed.py, beneath Faust, on the partitions Faust's
+group assigned), so partition N of each lands on one worker and shares store N. Per batch and partition:
   1. catch up the store from its changelog partition (read_committed) when the partition is (re)assigned — at
      once, not at its next input — and re-send an outbox a crash left behind;
   2. apply every input not applied yet (an input watermark per topic lives in the state, `w|<mark>`) through the
@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from agents.errors import DeliveryFailed, InvalidRecord
 from agents.state import Overlay, check_sizes
 from topology.codecs import AvroCodec
 from topology.dead_letters import DeadLetters
+from topology.input_feed import InputFeed, InputRecord, Polled, drive
 from topology.partition_reader import catch_up_consumer, read_chunks
 from topology.partitioning import key_partition, partition_for
 from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
@@ -175,11 +176,16 @@ class PartitionedStage:
         self._locks: dict[int, asyncio.Lock] = {}
         self._assigned: set[int] = set()
         self._writers: dict[int, TransactionalWriter] = {}
+        self.feed: InputFeed | None = None
+
+    @property
+    def name(self) -> str:
+        return self.io.name
 
     # -- what subclasses decide --------------------------------------------------------------------------------
 
-    def apply(self, mark: str, message: Any, tx: Transaction, out: Output) -> None:
-        """Apply one input record (a Faust message). Whatever it raises dead-letters the record (its changes are
+    def apply(self, mark: str, message: InputRecord, tx: Transaction, out: Output) -> None:
+        """Apply one input record. Whatever it raises dead-letters the record (its changes are
         dropped), except a RETRIED error, which retries the batch. A part that fails on its own (one command of
         several) is settled by the subclass and reported in `out.failed`."""
         raise NotImplementedError
@@ -259,13 +265,13 @@ class PartitionedStage:
 
     # -- the agent ---------------------------------------------------------------------------------------------
 
-    async def run(self, stream: AsyncIterable[Any]) -> None:
-        """The Faust agent body: batches of records from every input, each partition's share in arrival order."""
-        async for events in stream.take_events(self.batch_size, within=self.batch_within):  # type: ignore[attr-defined]
-            by_partition: dict[int, list[Any]] = defaultdict(list)
-            for event in events:
-                by_partition[event.message.partition].append(event)
-            await asyncio.gather(*(self._until_written(p, self._process, batch) for p, batch in by_partition.items()))
+    async def run(self, feed: InputFeed) -> None:
+        """Read the stage's inputs for ever: batches of records from every input, each partition's in offset order."""
+        self.feed = feed
+        await drive(feed, self._take)
+
+    async def _take(self, polled: Polled) -> None:
+        await self._until_written(polled.partition, self._process, polled)
 
     async def run_in(self, partition: int, work: Callable[[Transaction, Output], None]) -> bool:
         """Run `work` on a partition's state like a batch (for timers); False when the partition is not ours.
@@ -320,10 +326,12 @@ class PartitionedStage:
         await until_done(self.health, partition, attempt, still_wanted=lambda: partition in self._assigned,
                          on_retry=lambda: self._stale.add(partition))  # fmt: skip
 
-    async def _process(self, partition: int, events: Sequence[Any]) -> None:
+    async def _process(self, partition: int, polled: Polled) -> None:
+        if self.feed is not None and not self.feed.current(polled):
+            return  # read before a rebalance: the partition's new assignment reads these again, in order
         store = await self._ready_store(partition)
         with spent_by(self.io.name):
-            decision = self.decide(partition, store, events)
+            decision = self.decide(partition, store, polled.records)
         if not decision.applied:
             return
         if decision.letters:  # at-least-once, before the changelog: a crash may write one twice, never lose one
@@ -331,15 +339,14 @@ class PartitionedStage:
             self.dead_lettered += len(decision.letters)
         await self._finish(partition, store, decision.tx, decision.out)
 
-    def decide(self, partition: int, store: StateStore, events: Sequence[Any]) -> Decision:
+    def decide(self, partition: int, store: StateStore, records: Sequence[InputRecord]) -> Decision:
         """What a batch of a partition's input records decides, before anything is written: the state changes, the
         outputs and the dead letters. Raises only what retries the batch (RETRIED)."""
         tx, out = Transaction(store), Output()
         self.prepare(partition, tx)
         letters: list[Record] = []
         applied = 0
-        for event in events:
-            message = event.message
+        for message in records:
             mark = self.io.inputs[message.topic]
             watermark = tx.get(f"w|{mark}")
             if watermark is not None and message.offset < watermark["next"]:
@@ -349,7 +356,7 @@ class PartitionedStage:
             applied += 1
         return Decision(tx, out, letters, applied)
 
-    def _apply_one(self, mark: str, message: Any, partition: int, tx: Transaction, out: Output) -> list[Record]:
+    def _apply_one(self, mark: str, message: InputRecord, partition: int, tx: Transaction, out: Output) -> list[Record]:
         """One input record, all or nothing; the dead letters it leaves (itself, or the parts that failed)."""
         attempt, attempt_out = Overlay(tx), Output()
         where = {"topic": message.topic, "partition": partition, "offset": message.offset}

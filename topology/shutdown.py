@@ -1,10 +1,10 @@
 """A worker stops within SHUTDOWN_TIMEOUT_S of being asked to, even while a partition's batch can't be written.
 
-Faust's shutdown waits until every record a stream started on is acknowledged (`stream_wait_empty`), and a
-batch that Kafka refuses is retried, never acknowledged — acknowledging it would let Faust commit input whose
-effects were lost (topology/stalls.py). So one stalled partition would hold a SIGTERM off for ever. A watchdog
+A batch that Kafka refuses is retried until it is written (topology/stalls.py). The stages read beneath Faust
+(topology/input_feed.py), so stopping cancels such a batch with its reading task; but a stop can still hang on
+what no task owns (a librdkafka call that does not return, a service of Faust's that waits on one). A watchdog
 thread notices the app stopping; if the process is still alive SHUTDOWN_TIMEOUT_S later, it says which
-partitions held it and exits hard. That is exactly a crash, which every stage is built to survive: nothing of
+partitions were stalled and exits hard. That is exactly a crash, which every stage is built to survive: nothing of
 the unacknowledged batch was committed, so whoever owns the partition next reads it again.
 """
 

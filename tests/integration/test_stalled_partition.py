@@ -21,7 +21,7 @@ from confluent_kafka.admin import AdminClient
 from tests.poison import encode, raw_event
 from tests.support import Pipeline, wait_until
 from topology.partitioning import partition_for
-from topology.shutdown import SHUTDOWN_TIMEOUT_S
+from topology.shutdown import EXIT_CODE, SHUTDOWN_TIMEOUT_S
 
 
 def stalled(port: int) -> dict[str, float]:
@@ -72,7 +72,9 @@ def test_a_partition_kafka_refuses_shows_as_stalled_and_sigterm_still_stops_the_
     worker.wait(timeout=SHUTDOWN_TIMEOUT_S + 20)
     took = time.monotonic() - started
     assert took <= 30, f"SIGTERM took {took:.1f}s"
-    assert "did not stop within" in pipeline.log_tail("worker", 50)
+    # The stalled batch is cancelled with the stage's reading task (nothing of it was committed); should anything
+    # else hold the stop, the watchdog exits hard (topology/shutdown.py). Either way the worker is gone in time.
+    assert worker.returncode in (0, EXIT_CODE), pipeline.log_tail("worker", 50)
 
     pipeline.create_topics()  # the dead-letter topic is back
     pipeline.start("worker")

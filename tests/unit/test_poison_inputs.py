@@ -240,7 +240,7 @@ def test_dedup_passes_the_good_events_whatever_poison_comes_between(bad: list[by
                            codec=CODECS["raw_event"], dead_letter_codec=CODECS["dead_letter"], window_ms=86_400_000,
                            store_dir=Path(root), bootstrap="unused:0", producer=stage_harness._no_kafka)  # fmt: skip
         store = SeenStore(Path(root) / "seen")
-        events = [stage_harness.Event(stage_harness.Message("t.events.accepted", 0, n, b"k", value)) for n, (_, value) in enumerate(records)]
+        events = [stage_harness.Message("t.events.accepted", 0, n, b"k", value) for n, (_, value) in enumerate(records)]
         out, decision, _ = stage.decide(0, store, events, now_ms=T0 + 10_000)
         passed = [r.key for r in out if r.topic == "t.events.raw"]
         letters = [CODECS["dead_letter"].decode(r.value) for r in out if r.topic == stage_harness.DEAD_LETTER]
@@ -260,7 +260,7 @@ def test_dedup_refuses_a_record_too_large_to_pass_on() -> None:
                            store_dir=Path(root), bootstrap="unused:0", producer=stage_harness._no_kafka)  # fmt: skip
         store = SeenStore(Path(root) / "seen")
         big = encode("raw_event", raw_event("big", properties={"blob": "x" * 950_000}))
-        events = [stage_harness.Event(stage_harness.Message("t.events.accepted", 0, 0, b"big", big))]
+        events = [stage_harness.Message("t.events.accepted", 0, 0, b"big", big)]
         out, _, _ = stage.decide(0, store, events, now_ms=T0)
         assert [r.topic for r in out] == [stage_harness.DEAD_LETTER] and len(out[0].value or b"") < 900_000
         store.close()
@@ -327,7 +327,7 @@ def test_a_schema_registry_that_does_not_answer_retries_the_batch_and_dead_lette
                                codec=codec, dead_letter_codec=CODECS["dead_letter"], window_ms=86_400_000,
                                store_dir=Path(root), bootstrap="unused:0", producer=stage_harness._no_kafka)  # fmt: skip
             store = SeenStore(Path(root) / f"seen-{status}")
-            events = [stage_harness.Event(stage_harness.Message("t.events.accepted", 0, 0, b"k", framed))]
+            events = [stage_harness.Message("t.events.accepted", 0, 0, b"k", framed)]
             if outcome is None:
                 out, _, _ = stage.decide(0, store, events, now_ms=T0)
                 assert [CODECS["dead_letter"].decode(r.value)["error"] for r in out] == ["UndecodableError"]  # type: ignore[arg-type]
