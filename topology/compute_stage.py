@@ -1,10 +1,10 @@
 """The compute stage: the engine (agents/compute/engine.py) on a PartitionedStage, with a clock for sliding windows.
 
-One agent reads cdp.events.resolved, cdp.identity.merges (both keyed by profile id) and cdp.compute.commands
+The stage reads cdp.events.resolved, cdp.identity.merges (both keyed by profile id) and cdp.compute.commands
 with the same partition count, so everything about a profile meets at one partition and its store (changelog
 cdp.compute.state). Trait and membership changes are written *inside* the batch's changelog transaction:
 read_committed consumers (sync, tests) see each change exactly once, with the profile's sequence number.
-Commands to other partitions (merged state handed over, forwarded events) leave through the outbox.
+Commands to other partitions (merged state handed over, forwarded events) go in the same transaction.
 
 `tick` runs on a timer: each owned partition re-evaluates the profiles whose oldest window bucket has left its
 window (the engine's due index), so a member leaves an audience on the clock, without any new event.

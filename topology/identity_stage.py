@@ -1,11 +1,11 @@
 """The identity stage: the protocol's owners on a PartitionedStage (topology/partitioned_stage.py), Kafka between them.
 
-One agent reads cdp.events.raw (key messageId) and cdp.identity.commands (key: the owner's key) with the same
+The stage reads cdp.events.raw (key messageId) and cdp.identity.commands (key: the owner's key) with the same
 partition count, so partition N of both lands on one worker and shares store N (changelog cdp.identity.state).
 Each input goes through the protocol (agents/identity/protocol.py); its commands, resolved events and merge-log
-entries leave through the outbox once the batch's decisions are in the changelog. A re-sent outbox repeats
-them identically, which the protocol's handlers take idempotently and compute dedups by messageId. So an event
-is never resolved twice to different profiles: its decision is in the changelog before anything leaves.
+entries are written in the batch's changelog transaction, so they exist exactly when its decisions do (the
+stages read read_committed). An event is never resolved twice to different profiles; the protocol's handlers
+still take a repeated command idempotently (an outbox of an earlier version, sent again after a crash).
 """
 
 from __future__ import annotations

@@ -45,11 +45,14 @@ class InputRecord:
 
 @dataclass(frozen=True, slots=True)
 class Polled:
-    """One partition's records of one poll, in offset order, and the partition's epoch when they were read."""
+    """One partition's records of one poll, in offset order; the partition's epoch when they were read; and where
+    each input's reading stands after them (past transaction markers and aborted records, which are never handed
+    out: committing only "last record + 1" would leave the group behind the markers for ever)."""
 
     partition: int
     epoch: int
     records: list[InputRecord]
+    positions: dict[str, int]
 
 
 class InputFeed:
@@ -69,7 +72,7 @@ class InputFeed:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
-            "isolation.level": "read_uncommitted",  # as Faust read them: the stages' inputs are written outside transactions
+            "isolation.level": "read_committed",  # the stages' outputs to each other are in their batch's transaction
             "queued.max.messages.kbytes": QUEUED_KB_PER_PARTITION,
             "enable.partition.eof": False,
         })  # fmt: skip
@@ -139,7 +142,12 @@ class InputFeed:
             partition = message.partition()
             by_partition[partition].append(InputRecord(message.topic(), partition, message.offset(), message.key(),
                                                        message.value()))  # fmt: skip
-        return [Polled(p, self._epochs[p], records) for p, records in by_partition.items()]
+        moved: dict[int, dict[str, int]] = defaultdict(dict)
+        owned = [TopicPartition(topic, p) for topic in self.topics for p in self._owned]
+        for tp in self._consumer.position(owned) if owned else ():
+            if tp.offset >= 0 and tp.offset != self._applied.get((tp.topic, tp.partition)):
+                moved[tp.partition][tp.topic] = tp.offset  # a partition with only markers read moves too
+        return [Polled(p, self._epochs[p], by_partition.get(p, []), moved.get(p, {})) for p in by_partition.keys() | moved.keys()]
 
     def highwater(self, topic: str, partition: int) -> int | None:
         """The partition's end as of the last fetch (no request), or None before the first."""
@@ -157,6 +165,9 @@ class InputFeed:
             return
         for record in polled.records:
             self._applied[(record.topic, record.partition)] = record.offset + 1
+        for topic, position in polled.positions.items():
+            key = (topic, polled.partition)
+            self._applied[key] = max(position, self._applied.get(key, position))
 
     def to_commit(self) -> dict[tuple[str, int], int]:
         """Offsets of owned partitions that moved since the last commit."""
@@ -178,7 +189,7 @@ async def drive(feed: InputFeed, process: Callable[[Polled], Awaitable[None]]) -
         polled = await feed.poll()
         if not polled:
             continue
-        await asyncio.gather(*(process(batch) for batch in polled))
+        await asyncio.gather(*(process(batch) for batch in polled if batch.records))
         for batch in polled:
             feed.done(batch)
 

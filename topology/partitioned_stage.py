@@ -4,20 +4,24 @@ every batch's decisions made durable before anything leaves. The identity and co
 The stage reads co-partitioned input topics (topology/input_feed.py, beneath Faust, on the partitions Faust's
 group assigned), so partition N of each lands on one worker and shares store N. Per batch and partition:
   1. catch up the store from its changelog partition (read_committed) when the partition is (re)assigned — at
-     once, not at its next input — and re-send an outbox a crash left behind;
+     once, not at its next input — and send an outbox an earlier version left behind (below);
   2. apply every input not applied yet (an input watermark per topic lives in the state, `w|<mark>`) through the
      subclass's `apply`, each all or nothing: whatever one record raises (it does not decode, it breaks what its
      topic promises, its key belongs to another partition, it would make a state record larger than Kafka takes,
      or it hits a bug) dead-letters that
      record and the batch goes on — only Kafka failures and deliberate waits (agents/errors.py) retry the batch
      (topology/stalls.py), so no record can stall its partition;
-  3. write the changes, the outputs meant for other partitions *as outbox records*, and the outputs meant for
-     the outside (`Output.atomic`) in one Kafka transaction (the partition's transactional id fences a previous
-     owner), then apply the changes locally;
-  4. write the outbox's records, wait for the acks; the next batch's transaction deletes the outbox.
+  3. write the changes and every output — to other partitions of the stage (`Output.outbox`, turned into
+     records by the subclass, a partition's commands batched into one record) and to the outside
+     (`Output.atomic`) — in one Kafka transaction (the partition's transactional id fences a previous owner),
+     then apply the changes locally.
 A SIGKILL before 3 commits re-reads the inputs (nothing was decided: the transaction is all or nothing); after
-it, the watermark skips them and step 1 re-sends the outbox, whose records the receivers take idempotently. So
-nothing is lost, nothing is decided twice, and read_committed readers of the atomic outputs see each once.
+it, the watermark skips them. So nothing is lost, nothing is decided twice, and every reader — the stages read
+their inputs read_committed (topology/input_feed.py) — sees each output once.
+
+Until the stages read read_committed, outputs to other partitions went out *after* the transaction, from an
+outbox kept in the changelog (`o|0`, `o|1`, ...) and deleted by the next batch; a store that still holds one
+(written by that version) sends it when the partition is assigned, then deletes it.
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ from topology.transactional import TransactionalWriter
 
 log = logging.getLogger(__name__)
 BATCH = "batch"  # a command record carrying several commands for one partition, in order
-OUTBOX = "o|"  # outbox records: o|0, o|1, ... each at most OUTBOX_CHUNK_BYTES of JSON
-OUTBOX_CHUNK_BYTES = 256_000  # records stay far below Kafka's 1 MB default message size
+OUTBOX = "o|"  # outbox records of an earlier version: o|0, o|1, ... (see the module docstring)
+OUTBOX_CHUNK_BYTES = 256_000  # outputs to the stage's partitions go out in records of at most about this much
 CATCH_UP_CHUNK = 20_000
 STALE_AFTER_MS = 20 * 3_600_000  # under the changelog's delete.retention.ms (Kafka's default: 24 h)
 MEMOS_PER_RUN = 20_000  # memo tombstones per partition and transaction (≈ 1 MB): a backlog of them goes in steps
@@ -100,9 +104,10 @@ class Failure:
 
 @dataclass
 class Output:
-    """What one batch sends: `outbox` items (JSON, turned into records by the stage once the changelog holds them),
-    `atomic` records, written inside the changelog's transaction (exactly once for read_committed readers), and
-    `failed` parts of inputs to dead-letter."""
+    """What one batch sends, inside the changelog's transaction (exactly once for read_committed readers):
+    `outbox` items for the stage's own partitions (plain data, turned into records by the stage at the end of the
+    batch, so a partition's commands of the whole batch share one record), `atomic` records; and `failed` parts
+    of inputs to dead-letter."""
 
     outbox: list[Any] = field(default_factory=list)
     atomic: list[Record] = field(default_factory=list)
@@ -191,11 +196,11 @@ class PartitionedStage:
         raise NotImplementedError
 
     def outbox_records(self, items: Sequence[Any]) -> list[Record]:
-        """The Kafka records of one committed outbox chunk."""
+        """The Kafka records of a chunk of outbox items."""
         raise NotImplementedError
 
     def sent(self, items: Sequence[Any]) -> None:
-        """Called once an outbox chunk was acknowledged (for counters)."""
+        """Called once an outbox chunk was committed (for counters)."""
 
     def on_ready(self, partition: int, store: StateStore) -> None:
         """Called each time a partition's store is caught up and readable."""
@@ -375,14 +380,13 @@ class PartitionedStage:
         return [self.io.dead_letters.record(f.error, key=f.key, value=f.value, **where) for f in attempt_out.failed]
 
     async def _finish(self, partition: int, store: StateStore, tx: Transaction, out: Output) -> None:
-        for key in store.keys(OUTBOX):  # the previous batch's outbox was sent: replaced in this same transaction
-            tx.delete(key)
         out.seal()
-        chunks = _outbox_chunks(out.sealed)
-        for index, chunk in enumerate(chunks):
-            tx.put_raw(f"{OUTBOX}{index}", b'{"items":[' + b",".join(encoded for _, encoded in chunk) + b"]}")
-        await self._commit(partition, store, tx.changes, out.atomic)
-        await self._send_outbox(partition, store, [[item for item, _ in chunk] for chunk in chunks], delete=False)
+        chunks = [[item for item, _ in chunk] for chunk in _outbox_chunks(out.sealed)]  # records of bounded size
+        with spent_by(self.io.name):
+            records = [record for chunk in chunks for record in self.outbox_records(chunk)]
+        await self._commit(partition, store, tx.changes, [*out.atomic, *records])
+        for chunk in chunks:
+            self.sent(chunk)
 
     async def _commit(
         self, partition: int, store: StateStore, changes: dict[str, bytes | None], atomic: Sequence[Record] = ()
@@ -411,16 +415,12 @@ class PartitionedStage:
             writer = self._writers[partition] = await asyncio.to_thread(TransactionalWriter, self.bootstrap, self.io.state_topic, partition)
         return writer
 
-    async def _send_outbox(self, partition: int, store: StateStore, chunks: list[list[Any]], *, delete: bool) -> None:
-        """Send a committed outbox. After a batch the records stay until the next batch's transaction replaces
-        them (one transaction per batch, not two); a crash in between re-sends them, which the receivers absorb."""
-        if not chunks:
-            return
+    async def _send_outbox(self, partition: int, store: StateStore, keys: list[str], chunks: list[list[Any]]) -> None:
+        """Send an outbox an earlier version committed (and maybe sent: the receivers take a repeat), then delete it."""
         records = [record for chunk in chunks for record in self.outbox_records(chunk)]
         if records:
             await self._producer().write_all(records)
-        if delete:
-            await self._commit(partition, store, {f"{OUTBOX}{index}": None for index in range(len(chunks))})
+        await self._commit(partition, store, dict.fromkeys(keys))
         for chunk in chunks:
             self.sent(chunk)
 
@@ -443,10 +443,11 @@ class PartitionedStage:
                 self.caught_up += await asyncio.to_thread(self._catch_up, partition, store)
             except KafkaException as exc:
                 raise DeliveryFailed(f"can't read {self.io.state_topic}[{partition}] to catch up: {exc}") from exc
-            pending = [store.get(key) for key in sorted(store.keys(OUTBOX), key=lambda k: int(k[len(OUTBOX):]))]
-            if pending:  # a crash came between the changelog and the outputs: send them (again)
-                log.info("%s: partition %d re-sends an outbox of %d records", self.io.name, partition, len(pending))
-                await self._send_outbox(partition, store, [chunk["items"] for chunk in pending if chunk], delete=True)
+            keys = sorted(store.keys(OUTBOX), key=lambda k: int(k[len(OUTBOX):]))
+            if keys:  # left by an earlier version, which sent outputs after the transaction
+                log.info("%s: partition %d sends an outbox of %d records left by an earlier version", self.io.name, partition, len(keys))
+                chunks = [chunk["items"] for chunk in map(store.get, keys) if chunk]
+                await self._send_outbox(partition, store, keys, chunks)
             self._stale.discard(partition)
             self.on_ready(partition, store)
         return store

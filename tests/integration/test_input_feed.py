@@ -71,6 +71,34 @@ def test_records_come_per_partition_in_order_from_the_committed_offset(kafka_boo
     asyncio.run(scenario())
 
 
+def test_committed_offsets_pass_transaction_markers_so_a_drained_input_shows_no_lag(kafka_bootstrap: str) -> None:
+    topic, group = _topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"tx-{topic}"})
+    producer.init_transactions(30)
+    for aborted in (False, True, False):
+        producer.begin_transaction()
+        for n in range(3):
+            producer.produce(topic, b"aborted" if aborted else b"%d" % n, b"k", partition=0)
+        producer.flush(30)  # on the log before the end: an abort would otherwise just drop them
+        (producer.abort_transaction if aborted else producer.commit_transaction)(30)
+
+    async def scenario() -> None:
+        feed = InputFeed("t", kafka_bootstrap, group, [topic])
+        await feed.assign({0})
+        polled = await _poll_until(feed, 6)
+        assert [r.value for b in polled for r in b.records] == [b"0", b"1", b"2"] * 2, "read_committed: nothing aborted"
+        for _ in range(20):  # the last marker may come in a fetch of its own
+            for batch in polled:
+                feed.done(batch)
+            if feed.to_commit().get((topic, 0)) == feed.highwater(topic, 0):
+                break
+            polled = await feed.poll()
+        assert feed.to_commit() == {(topic, 0): 12}, "3 records + a marker, 3 aborted + a marker, 3 + a marker"
+        await feed.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_batch_read_before_a_rebalance_is_stale_and_the_partition_resumes_where_the_feed_got(kafka_bootstrap: str) -> None:
     topic, group = _topic(kafka_bootstrap), f"g-{uuid.uuid4().hex[:8]}"
     _write(kafka_bootstrap, topic, 0, [b"%d" % n for n in range(6)])
