@@ -11,7 +11,7 @@
      ├── Waiting              a stage deliberately waits for something (e.g. newer definitions); retried
      └── DeliveryFailed       Kafka (or the schema registry) did not answer; nothing was promised, the caller may retry
 
-What a stage does with an error while it applies an input record (topology/partitioned_stage.py): Waiting and
+What a stage does with an error while it applies an input record (topology/runtime/partitioned_stage.py): Waiting and
 DeliveryFailed (Kafka unreachable, a fenced writer) are retried, and the partition shows as waiting or stalled
 on /metrics; *anything else* — a BadEventError or a bug's exception — dead-letters that one record and the
 partition goes on.

@@ -1,10 +1,10 @@
 """The state a stage's logic works on, and how one step of it is made all or nothing.
 
 Every stage's logic (agents/identity/protocol.py, agents/compute/engine.py) reads and writes one partition's
-records through `State`; the stage keeps them in RocksDB with a changelog (topology/state_store.py). An
+records through `State`; the stage keeps them in RocksDB with a changelog (topology/runtime/state_store.py). An
 `Overlay` keeps a step's writes aside until `commit()`: a step that raises halfway (a malformed command, a bug)
 is dropped whole instead of leaving half its changes behind, which is what lets a stage give up one record and
-go on (topology/partitioned_stage.py).
+go on (topology/runtime/partitioned_stage.py).
 """
 
 from __future__ import annotations

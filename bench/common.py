@@ -18,9 +18,9 @@ from typing import Any
 import requests
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from topology.admin import ensure_topics
+from topology.ops.admin import ensure_topics
 from topology.config import Settings
-from topology.producer import producer_config
+from topology.runtime.producer import producer_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WRITE_KEY = "wk_bench"
@@ -90,7 +90,7 @@ class Bench:
 def bench_pipeline(settings: Settings, extra_config: Mapping[str, Any] | None = None) -> Iterator[Bench]:
     """Fresh topics under a unique prefix, on the configured Kafka or on a temporary local broker; `extra_config`
     adds keys to the pipeline's YAML config (e.g. `traits` and `audiences`)."""
-    from topology.kafka_local import LocalKafka, free_ports, is_reachable
+    from topology.ops.kafka_local import LocalKafka, free_ports, is_reachable
 
     with tempfile.TemporaryDirectory(prefix="cdp-bench-") as tmp:
         scratch = Path(tmp)
@@ -135,7 +135,7 @@ def consume_produce_floor(settings: Settings, source: str, events: int, transfor
     from confluent_kafka import Consumer, Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from topology.producer import producer_config
+    from topology.runtime.producer import producer_config
 
     target = f"{settings.topics.prefix}.bench.floor"
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})  # must outlive the future

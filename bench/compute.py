@@ -53,8 +53,8 @@ from bench.compute_input import ACTIVE, PROFILES, definitions, encode, event_str
 from bench.identity import log_sizes, log_warnings, wait_group_stable, workers
 from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import Settings
-from topology.partition_reader import catch_up_consumer, read_chunks
-from topology.producer import producer_config
+from topology.runtime.partition_reader import catch_up_consumer, read_chunks
+from topology.runtime.producer import producer_config
 from topology.topics import AUDIENCE_MEMBERSHIP, COMPUTE_STATE, EVENTS_DEAD_LETTER, EVENTS_RESOLVED
 
 DEFINITION_COUNTS = (10, 50, 200)

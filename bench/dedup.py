@@ -20,7 +20,7 @@ from confluent_kafka import Producer
 from bench.common import end_offsets, Bench, bench_pipeline, consume_produce_floor, cpu_seconds, wait_healthy, write_report
 from bench.ingest import encoded_events
 from topology.config import Settings
-from topology.producer import producer_config
+from topology.runtime.producer import producer_config
 from topology.topics import EVENTS_ACCEPTED, EVENTS_RAW
 
 
@@ -54,7 +54,7 @@ def floor(settings: Settings, events: int) -> dict[str, Any]:
 def stage(bench: Bench, events: int, expected: int) -> dict[str, Any]:
     """A real `cdp worker` draining the same input into cdp.events.raw."""
     raw = EVENTS_RAW.name(bench.settings)
-    process = subprocess.Popen([sys.executable, "-m", "topology.cli", "worker", "--loglevel", "warn"],
+    process = subprocess.Popen([sys.executable, "-m", "topology.ops.cli", "worker", "--loglevel", "warn"],
                                env=bench.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         wait_healthy(f"http://127.0.0.1:{bench.settings.web_port}", timeout=120)

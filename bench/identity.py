@@ -40,8 +40,8 @@ from agents.identity.rules import IdentityRules
 from bench.common import produce_all, Bench, bench_pipeline, consume_produce_floor, cpu_seconds, wait_healthy, write_report
 from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import Settings
-from topology.partitioning import partition_for
-from topology.kafka_local import free_ports
+from topology.runtime.partitioning import partition_for
+from topology.ops.kafka_local import free_ports
 from topology.topics import EVENTS_DEAD_LETTER, EVENTS_RAW, EVENTS_RESOLVED, IDENTITY_MERGES
 
 MERGE_SHARES = (0.0, 0.05, 0.3)
@@ -251,7 +251,7 @@ def workers(bench: Bench, count: int) -> Iterator[list[subprocess.Popen[bytes]]]
         with ExitStack() as files:
             for port in ports:
                 log = files.enter_context((logs / f"worker-{port}.log").open("wb"))
-                processes.append(subprocess.Popen([sys.executable, "-m", "topology.cli", "worker", "--loglevel", "warn"],
+                processes.append(subprocess.Popen([sys.executable, "-m", "topology.ops.cli", "worker", "--loglevel", "warn"],
                                                   env={**bench.env, "CDP_WEB_PORT": str(port)}, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
             for port in ports:
                 wait_healthy(f"http://127.0.0.1:{port}", timeout=120)

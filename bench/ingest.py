@@ -22,7 +22,7 @@ from bench.common import WRITE_KEY, Bench, bench_pipeline, cpu_seconds, wait_hea
 from bench.traffic import Traffic
 from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import Settings
-from topology.producer import producer_config
+from topology.runtime.producer import producer_config
 from topology.topics import EVENTS_ACCEPTED
 
 
@@ -61,7 +61,7 @@ def floor(settings: Settings, payloads: list[bytes], events: int) -> dict[str, A
 
 def ingest(bench: Bench, events: int, batch_size: int, concurrency: int) -> dict[str, Any]:
     """A real `cdp ingest` process under load from a separate generator process."""
-    process = subprocess.Popen([sys.executable, "-m", "topology.cli", "ingest"], env=bench.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, "-m", "topology.ops.cli", "ingest"], env=bench.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{bench.settings.ingest_port}"
     try:
         wait_healthy(url)

@@ -11,7 +11,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.common import Bench, broker_cpu
 from topology.codecs import AvroCodec, SchemaRepository
-from topology.producer import producer_config
+from topology.runtime.producer import producer_config
 from topology.topics import EVENTS_ACCEPTED
 
 

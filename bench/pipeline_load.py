@@ -24,7 +24,7 @@ from bench.pipeline import (
 )
 from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import Settings
-from topology.producer import producer_config
+from topology.runtime.producer import producer_config
 from topology.topics import EVENTS_ACCEPTED
 
 LATENCY_AUDIENCE = {"key": "active", "when": {"event": "Order Completed", "within": "1h"}}
@@ -83,7 +83,7 @@ def flood(shared: Settings, seconds: float, events: int = 300_000) -> dict[str, 
     config = copy.deepcopy(example_definitions())
     with bench_pipeline(shared, config) as bench:
         with settled_workers(bench, 1) as (urls, _):
-            ingest = subprocess.Popen([sys.executable, "-m", "topology.cli", "ingest"], env=bench.env,
+            ingest = subprocess.Popen([sys.executable, "-m", "topology.ops.cli", "ingest"], env=bench.env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
             url = f"http://127.0.0.1:{bench.settings.ingest_port}"
             try:

@@ -1,6 +1,6 @@
 """Session fixtures: one real Kafka broker for the whole run (or the cluster CDP_KAFKA_BOOTSTRAP names).
 
-The broker comes from topology.kafka_local, the same code as `cdp kafka start`, with its jars cached in
+The broker comes from topology.ops.kafka_local, the same code as `cdp kafka start`, with its jars cached in
 .cache/kafka-runtime (fetched from Maven Central once per checkout) and its data in a temp dir.
 """
 
@@ -23,7 +23,7 @@ def runtime_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from topology.kafka_local import LocalKafka, is_reachable
+    from topology.ops.kafka_local import LocalKafka, is_reachable
 
     external = os.environ.get("CDP_KAFKA_BOOTSTRAP")
     if external:

@@ -21,12 +21,12 @@ from agents.compute.generations import Live
 from agents.identity.protocol import IdentityProtocol
 from agents.identity.rules import IdentityRules
 from tests.poison import CODECS
-from topology.compute_stage import ComputeCodecs, ComputeStage, ComputeTopics
-from topology.identity_stage import IdentityCodecs, IdentityStage, IdentityTopics
-from topology.input_feed import InputRecord as Message
-from topology.partitioned_stage import PartitionedStage
-from topology.producer import Record
-from topology.state_store import StateStore
+from topology.stages.compute import ComputeCodecs, ComputeStage, ComputeTopics
+from topology.stages.identity import IdentityCodecs, IdentityStage, IdentityTopics
+from topology.runtime.input_feed import InputRecord as Message
+from topology.runtime.partitioned_stage import PartitionedStage
+from topology.runtime.producer import Record
+from topology.runtime.state_store import StateStore
 
 DEAD_LETTER = "t.events.dead-letter"
 

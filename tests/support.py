@@ -23,10 +23,10 @@ import yaml
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from topology.admin import ensure_topics
+from topology.ops.admin import ensure_topics
 from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import Settings
-from topology.kafka_local import free_ports
+from topology.ops.kafka_local import free_ports
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WRITE_KEY = "wk_test"
@@ -88,7 +88,7 @@ class Pipeline:
         """Start `cdp <command>` as a real process and wait until it answers /health."""
         log = open(self.root / f"{command}-{len(self.processes)}.log", "wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "topology.cli", command, *args], env=self.env(**env), stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "topology.ops.cli", command, *args], env=self.env(**env), stdout=log, stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
         )  # fmt: skip
         self.processes.append(process)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,9 @@ from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from agents.errors import BadEventError, ConfigError, DeliveryFailed, UndecodableError
+
+from topology.config import Settings
+from topology.topics import TopicSpec
 
 if TYPE_CHECKING:
     from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -379,3 +383,28 @@ def _record(node: dict[str, Any], namespace: str, named: dict[str, Any]) -> Conv
 
     named[fullname] = (to_wire, from_wire)
     return to_wire, from_wire
+
+
+@dataclass
+class Codecs:
+    """One codec per topic, registered under `<topic>-value` when a schema registry is configured."""
+
+    settings: Settings
+    repository: SchemaRepository = field(default_factory=SchemaRepository.load)
+    _cache: dict[str, AvroCodec] = field(default_factory=dict)
+
+    def for_topic(self, spec: TopicSpec) -> AvroCodec:
+        name = spec.name(self.settings)
+        if name not in self._cache:
+            registry = schema_registry(self.settings.schema_registry_url)
+            self._cache[name] = AvroCodec(spec.schema, self.repository, registry=registry, subject=f"{name}-value")
+        return self._cache[name]
+
+
+def schema_registry(url: str | None) -> Any:
+    """A Schema Registry client for `url` (`mock://...` gives confluent-kafka's in-process mock), or None."""
+    if not url:
+        return None
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    return SchemaRegistryClient.new_client({"url": url})

@@ -34,7 +34,7 @@ and counts its own events; a failed `fold_in` leaves the survivor without the me
 forwarded event is not counted. Nothing is settled from a failed command's fields: they may be what was wrong.
 Event times are taken within [0, now]: a client clock far off can't make a bucket or a due time out of range.
 
-Pure: no I/O; `now` is given. topology/compute_stage.py runs it on Kafka.
+Pure: no I/O; `now` is given. topology/stages/compute.py runs it on Kafka.
 """
 
 from __future__ import annotations

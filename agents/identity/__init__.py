@@ -2,5 +2,5 @@
 
 `rules` holds Segment's merge-protection settings as data; `identifiers` extracts what an event carries;
 `protocol` is the distributed resolution (owners per identifier, profile and event, joins decided at the older
-profile). topology/identity_stage.py runs it on Kafka; docs/identity.md explains the design.
+profile). topology/stages/identity.py runs it on Kafka; docs/identity.md explains the design.
 """

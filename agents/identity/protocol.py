@@ -39,7 +39,7 @@ is settled (agents/identity/settle.py): its waiters get the answer it would have
 Queued commands are drained through `apply` too, so one of them failing can't undo the command that frees them.
 Record keys and outputs are in agents/identity/records.py.
 
-Pure: no I/O. The stage (topology/identity_stage.py) feeds commands, keeps `State` in RocksDB with a changelog,
+Pure: no I/O. The stage (topology/stages/identity.py) feeds commands, keeps `State` in RocksDB with a changelog,
 and writes `Outputs` to Kafka.
 """
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from topology.cli import parser
+from topology.ops.cli import parser
 from topology.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

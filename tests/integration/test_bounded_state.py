@@ -17,7 +17,7 @@ from agents.memo import HOUR_MS
 from tests.integration.test_compute_stage import compute_metric
 from tests.poison import CODECS, raw_event
 from tests.support import Pipeline, Read, wait_until
-from topology.producer import AsyncProducer, Record, producer_config
+from topology.runtime.producer import AsyncProducer, Record, producer_config
 
 USERS, PER_HOUR, HOURS, KEPT_HOURS = 10, 5, 20, 3
 

@@ -14,7 +14,7 @@ from tests.support import WRITE_KEY, Pipeline, free_ports
 
 
 def test_every_acknowledged_request_survives_a_broker_crash(tmp_path) -> None:
-    from topology.kafka_local import LocalKafka
+    from topology.ops.kafka_local import LocalKafka
 
     port, controller_port = free_ports(2)
     broker = LocalKafka(data_dir=tmp_path / "kafka", runtime_dir=runtime_dir(), port=port, controller_port=controller_port)

@@ -13,7 +13,7 @@ from topology.topics import ALL_TOPICS
 
 def cdp(pipeline: Pipeline, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "topology.cli", *args], env=pipeline.env(**env), cwd=REPO_ROOT,
+        [sys.executable, "-m", "topology.ops.cli", *args], env=pipeline.env(**env), cwd=REPO_ROOT,
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 

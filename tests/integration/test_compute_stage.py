@@ -275,7 +275,7 @@ def test_sigkill_of_a_worker_loses_nothing_and_counts_nothing_twice(kafka_bootst
         changes_before = len(pipeline.read("profile.changes", until=lambda rs: True, timeout=5))
         memberships_before = len(pipeline.read("audience.membership", until=lambda rs: True, timeout=5))
         duplicates_before = sum(compute_metric(port, "duplicates") for port in ports)
-        result = subprocess.run([sys.executable, "-m", "topology.cli", "replay", "--from", "1h"], env=pipeline.env(),
+        result = subprocess.run([sys.executable, "-m", "topology.ops.cli", "replay", "--from", "1h"], env=pipeline.env(),
                                 capture_output=True, text=True, timeout=300)  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert f"replayed {len(calls):,} records" in result.stdout, result.stdout
@@ -381,7 +381,7 @@ def test_a_definition_posted_while_events_flow_is_live_and_its_backfill_matches_
         assert not status["runs"] and sum(r["read"] for r in status["done"] if r["gen"].startswith("trait:usd_revenue@1.")) > 0
 
         # `cdp backfill` computes it again from history: a fresh state, the same values, nothing counted twice.
-        result = subprocess.run([sys.executable, "-m", "topology.cli", "backfill", "usd_revenue"], env=pipeline.env(CDP_ADMIN_TOKEN=ADMIN),
+        result = subprocess.run([sys.executable, "-m", "topology.ops.cli", "backfill", "usd_revenue"], env=pipeline.env(CDP_ADMIN_TOKEN=ADMIN),
                                 capture_output=True, text=True, timeout=300)  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert "backfill trait:usd_revenue@2." in result.stdout and "past events read" in result.stdout, result.stdout

@@ -15,7 +15,7 @@ import uuid
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from topology.input_feed import InputFeed, Polled
+from topology.runtime.input_feed import InputFeed, Polled
 
 PARTITIONS = 2
 

@@ -1,4 +1,4 @@
-"""The embedded broker of `topology/kafka_local.py` is a real, durable Kafka that `cdp kafka` can manage.
+"""The embedded broker of `topology/ops/kafka_local.py` is a real, durable Kafka that `cdp kafka` can manage.
 
 Proves, against one broker started from the Maven-fetched jars in a temp data dir on free ports:
 a fresh start answers metadata and round-trips a record (acks=all, a consumer group, a transaction);
@@ -23,7 +23,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from agents.errors import LocalKafkaError
 from tests.conftest import runtime_dir
 from tests.support import free_ports
-from topology.kafka_local import LocalKafka, Started, is_reachable, wait_for_metadata
+from topology.ops.kafka_local import LocalKafka, Started, is_reachable, wait_for_metadata
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from confluent_kafka import Producer
 
 from tests.poison import encode, raw_event
 from tests.support import Pipeline, Read, wait_until
-from topology.partitioning import partition_for
+from topology.runtime.partitioning import partition_for
 
 JUNK: list[bytes | None] = [b"not avro", None, b"\xc3\x01" + b"\x00" * 9]  # not Avro, no value, a truncated header
 

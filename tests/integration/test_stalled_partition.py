@@ -20,8 +20,8 @@ from confluent_kafka.admin import AdminClient
 
 from tests.poison import encode, raw_event
 from tests.support import Pipeline, wait_until
-from topology.partitioning import partition_for
-from topology.shutdown import EXIT_CODE, SHUTDOWN_TIMEOUT_S
+from topology.runtime.partitioning import partition_for
+from topology.runtime.shutdown import EXIT_CODE, SHUTDOWN_TIMEOUT_S
 
 
 def stalled(port: int) -> dict[str, float]:
@@ -73,7 +73,7 @@ def test_a_partition_kafka_refuses_shows_as_stalled_and_sigterm_still_stops_the_
     took = time.monotonic() - started
     assert took <= 30, f"SIGTERM took {took:.1f}s"
     # The stalled batch is cancelled with the stage's reading task (nothing of it was committed); should anything
-    # else hold the stop, the watchdog exits hard (topology/shutdown.py). Either way the worker is gone in time.
+    # else hold the stop, the watchdog exits hard (topology/runtime/shutdown.py). Either way the worker is gone in time.
     assert worker.returncode in (0, EXIT_CODE), pipeline.log_tail("worker", 50)
 
     pipeline.create_topics()  # the dead-letter topic is back

@@ -17,8 +17,8 @@ from agents.durations import parse_duration_ms
 from agents.errors import ConfigError, InvalidMessage
 from agents.ingest.tracking import MAX_JSON_DEPTH, batch_to_raw_events, to_raw_event
 from topology.config import Settings
-from topology.http_common import HttpError, same_secret
-from topology.worker_web import hops, limit_param, partition_param
+from topology.web.common import HttpError, same_secret
+from topology.web.worker import hops, limit_param, partition_param
 
 
 def nested(levels: int, leaf: Any = 1) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agents.errors import LocalKafkaError
-from topology.kafka_local import LocalKafka
+from topology.ops.kafka_local import LocalKafka
 
 
 def fake_bin(tmp_path: Path, name: str, script: str) -> None:

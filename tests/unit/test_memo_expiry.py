@@ -20,7 +20,7 @@ from agents.memo import HOUR_MS, expired, memo_key, seen
 from tests import stage_harness
 from tests.poison import CODECS, raw_event
 from topology.config import Settings
-from topology.state_store import Transaction
+from topology.runtime.state_store import Transaction
 
 T0 = 1_750_000_000_000 - 1_750_000_000_000 % HOUR_MS
 HORIZON = 3 * HOUR_MS

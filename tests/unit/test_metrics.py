@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from topology.metrics import Metric, render
+from topology.web.metrics import Metric, render
 
 
 def test_large_counters_print_exactly_and_fractions_stay_fractions() -> None:
@@ -15,7 +15,7 @@ def test_large_counters_print_exactly_and_fractions_stay_fractions() -> None:
 def test_stage_cpu_charges_the_stage_for_its_cpu_not_for_waiting() -> None:
     import time
 
-    from topology.stage_cpu import spent_by, stage_cpu
+    from topology.runtime.stage_cpu import spent_by, stage_cpu
 
     def seconds() -> float:
         return next((value for labels, value in stage_cpu().samples if labels == {"stage": "test-stage"}), 0.0)

@@ -7,7 +7,7 @@ from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from topology.partitioning import key_partition, murmur2, partition_for
+from topology.runtime.partitioning import key_partition, murmur2, partition_for
 
 
 @given(st.binary(max_size=80))

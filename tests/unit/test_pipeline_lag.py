@@ -15,10 +15,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from agents.errors import ConfigError
 from topology.codecs import AvroCodec, SchemaRepository
 from topology.config import IngestSettings, Settings
-from topology.http import IngestServer
-from topology.metrics import render
-from topology.pipeline_lag import Offsets, PipelineLag, hop_lags, partition_lag
-from topology.producer import Record
+from topology.web.ingest import IngestServer
+from topology.web.metrics import render
+from topology.runtime.pipeline_lag import Offsets, PipelineLag, hop_lags, partition_lag
+from topology.runtime.producer import Record
 
 
 def test_a_partition_counts_from_its_committed_offset_else_from_its_low_watermark() -> None:
@@ -78,7 +78,7 @@ def test_a_failed_reading_accepts_logs_once_and_counts(caplog: pytest.LogCapture
     lag = gate(10, [{"dedup": 50}, RuntimeError("broker gone"), RuntimeError("still gone"), {"dedup": 60}])
     lag.poll()
     assert lag.refuses() == 50
-    with caplog.at_level(logging.INFO, logger="topology.pipeline_lag"):
+    with caplog.at_level(logging.INFO, logger="topology.runtime.pipeline_lag"):
         lag.poll()
         lag.poll()
         assert lag.lag() is None and lag.refuses() is None and lag.error == "still gone"

@@ -28,10 +28,10 @@ from tests import stage_harness
 from tests.poison import CODECS, FAR, T0, encode, poison, raw_event
 from tests.unit.test_identity_protocol import union_find
 from topology.codecs import AvroCodec, SchemaRepository
-from topology.dead_letters import DeadLetters
-from topology.dedup_stage import DedupStage
-from topology.definitions_feed import DefinitionsFeed
-from topology.seen_store import SeenStore
+from topology.runtime.dead_letters import DeadLetters
+from topology.stages.dedup import DedupStage
+from topology.runtime.definitions_feed import DefinitionsFeed
+from topology.runtime.seen_store import SeenStore
 
 UNLIMITED = IdentityRules(
     identifiers=tuple(IdentifierRule(t, Limit(10_000)) for t in ("user_id", "email", "anonymous_id")),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from topology.seen_store import SeenStore
+from topology.runtime.seen_store import SeenStore
 
 
 def test_remember_is_read_back_after_reopening(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import pytest
 
 from agents.compute.engine import DefinitionsBehind
 from agents.errors import DeliveryFailed
-from topology.metrics import render
-from topology.stalls import PartitionHealth, blocked_metrics, until_done
+from topology.web.metrics import render
+from topology.runtime.stalls import PartitionHealth, blocked_metrics, until_done
 
 
 def test_a_wait_shows_as_waiting_a_kafka_failure_as_stalled_and_success_clears_both(caplog: pytest.LogCaptureFixture) -> None:
@@ -24,7 +24,7 @@ def test_a_wait_shows_as_waiting_a_kafka_failure_as_stalled_and_success_clears_b
         if failures:
             raise failures.pop(0)
 
-    with caplog.at_level(logging.INFO, logger="topology.stalls"):
+    with caplog.at_level(logging.INFO, logger="topology.runtime.stalls"):
         assert asyncio.run(until_done(health, 3, work)) is True
     assert 'cdp_partitions_waiting{reason="DefinitionsBehind",stage="compute"} 1' in seen[1]
     assert 'cdp_partitions_stalled{reason="DeliveryFailed",stage="compute"} 1' in seen[2]

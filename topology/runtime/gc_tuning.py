@@ -15,7 +15,7 @@ import gc
 import time
 from typing import Any
 
-from topology.metrics import Metric
+from topology.web.metrics import Metric
 
 YOUNG = 50_000  # net allocations between young collections (CPython: 700)
 OLDER = (20, 20)  # young collections per middle one, middle per full one (CPython: 10, 10)

@@ -13,7 +13,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from agents.errors import ConfigError
 from topology.config import Settings
-from topology.dedup_stage import CATCH_UP_GRACE_MS
+from topology.stages.dedup import CATCH_UP_GRACE_MS
 from topology.topics import ALL_TOPICS, TopicSpec
 
 

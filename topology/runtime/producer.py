@@ -147,3 +147,18 @@ class AsyncProducer:
         self._stopping.set()
         self._poller.join(timeout=1.0)
         return remaining
+
+
+class LazyProducer:
+    """The worker's confluent-kafka producer, created on first use: importing the app must not connect."""
+
+    def __init__(self, settings: Any) -> None:
+        """`settings`: topology.config.Settings (its bootstrap and delivery timeout)."""
+        self._settings = settings
+        self._producer: AsyncProducer | None = None
+
+    def __call__(self) -> AsyncProducer:
+        if self._producer is None:
+            config = producer_config(self._settings.kafka_bootstrap, self._settings.ingest.delivery_timeout_ms)
+            self._producer = AsyncProducer(config)
+        return self._producer

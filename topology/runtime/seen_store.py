@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rocksdict import WriteBatch
 
-from topology.rocks import open_db, recreate_db
+from topology.runtime.rocks import open_db, recreate_db
 
 _TIME = struct.Struct(">Q")
 _NEXT = b"\x00next"

@@ -29,7 +29,7 @@ from confluent_kafka.admin import AdminClient
 
 from agents.errors import LocalKafkaError
 
-KAFKA_DIR = Path(__file__).resolve().parent.parent / "kafka"
+KAFKA_DIR = Path(__file__).resolve().parents[2] / "kafka"
 POM = KAFKA_DIR / "pom.xml"
 LOG4J_CONFIG = KAFKA_DIR / "log4j2.properties"
 MIN_JAVA = 17  # Kafka 4.x brokers are compiled for Java 17

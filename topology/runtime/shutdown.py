@@ -1,7 +1,7 @@
 """A worker stops within SHUTDOWN_TIMEOUT_S of being asked to, even while a partition's batch can't be written.
 
-A batch that Kafka refuses is retried until it is written (topology/stalls.py). The stages read beneath Faust
-(topology/input_feed.py), so stopping cancels such a batch with its reading task; but a stop can still hang on
+A batch that Kafka refuses is retried until it is written (topology/runtime/stalls.py). The stages read beneath Faust
+(topology/runtime/input_feed.py), so stopping cancels such a batch with its reading task; but a stop can still hang on
 what no task owns (a librdkafka call that does not return, a service of Faust's that waits on one). A watchdog
 thread notices the app stopping; if the process is still alive SHUTDOWN_TIMEOUT_S later, it says which
 partitions were stalled and exits hard. That is exactly a crash, which every stage is built to survive: nothing of

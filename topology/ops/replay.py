@@ -21,9 +21,9 @@ from confluent_kafka import TopicPartition
 from agents.durations import parse_duration_ms
 from agents.errors import ConfigError, DeliveryFailed
 from topology.config import Settings
-from topology.partition_reader import catch_up_consumer, read_range
-from topology.producer import producer_config
-from topology.progress import Progress
+from topology.runtime.partition_reader import catch_up_consumer, read_range
+from topology.runtime.producer import producer_config
+from topology.ops.progress import Progress
 from topology.topics import EVENTS_RAW
 
 CHUNK = 5_000

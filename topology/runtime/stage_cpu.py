@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from topology.metrics import Metric
+from topology.web.metrics import Metric
 
 _spent: defaultdict[str, float] = defaultdict(float)
 

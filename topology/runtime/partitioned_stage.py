@@ -1,7 +1,7 @@
 """A stateful stage on a Faust stream: one RocksDB store per partition, mirrored from a compacted changelog, with
 every batch's decisions made durable before anything leaves. The identity and compute stages are built on it.
 
-The stage reads co-partitioned input topics (topology/input_feed.py, beneath Faust, on the partitions Faust's
+The stage reads co-partitioned input topics (topology/runtime/input_feed.py, beneath Faust, on the partitions Faust's
 group assigned), so partition N of each lands on one worker and shares store N. Per batch and partition:
   1. catch up the store from its changelog partition (read_committed) when the partition is (re)assigned — at
      once, not at its next input — and send an outbox an earlier version left behind (below);
@@ -10,14 +10,14 @@ group assigned), so partition N of each lands on one worker and shares store N. 
      topic promises, its key belongs to another partition, it would make a state record larger than Kafka takes,
      or it hits a bug) dead-letters that
      record and the batch goes on — only Kafka failures and deliberate waits (agents/errors.py) retry the batch
-     (topology/stalls.py), so no record can stall its partition;
+     (topology/runtime/stalls.py), so no record can stall its partition;
   3. write the changes and every output — to other partitions of the stage (`Output.outbox`, turned into
      records by the subclass, a partition's commands batched into one record) and to the outside
      (`Output.atomic`) — in one Kafka transaction (the partition's transactional id fences a previous owner),
      then apply the changes locally.
 A SIGKILL before 3 commits re-reads the inputs (nothing was decided: the transaction is all or nothing); after
 it, the watermark skips them. So nothing is lost, nothing is decided twice, and every reader — the stages read
-their inputs read_committed (topology/input_feed.py) — sees each output once.
+their inputs read_committed (topology/runtime/input_feed.py) — sees each output once.
 
 Until the stages read read_committed, outputs to other partitions went out *after* the transaction, from an
 outbox kept in the changelog (`o|0`, `o|1`, ...) and deleted by the next batch; a store that still holds one
@@ -42,15 +42,17 @@ from agents import memo
 from agents.errors import DeliveryFailed, InvalidRecord
 from agents.state import Overlay, check_sizes
 from topology.codecs import AvroCodec
-from topology.dead_letters import DeadLetters
-from topology.input_feed import InputFeed, InputRecord, Polled, drive
-from topology.partition_reader import catch_up_consumer, read_chunks
-from topology.partitioning import key_partition, partition_for
-from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
-from topology.stage_cpu import spent_by
-from topology.stalls import RETRIED, PartitionHealth, until_done
-from topology.state_store import StateStore, Transaction
-from topology.transactional import TransactionalWriter
+from topology.runtime.dead_letters import DeadLetters
+from topology.runtime.input_feed import InputFeed, InputRecord, Polled, drive
+from topology.runtime.stage import Timer
+from topology.web.metrics import Metric
+from topology.runtime.partition_reader import catch_up_consumer, read_chunks
+from topology.runtime.partitioning import key_partition, partition_for
+from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
+from topology.runtime.stage_cpu import spent_by
+from topology.runtime.stalls import RETRIED, PartitionHealth, until_done
+from topology.runtime.state_store import StateStore, Transaction
+from topology.runtime.transactional import TransactionalWriter
 
 log = logging.getLogger(__name__)
 BATCH = "batch"  # a command record carrying several commands for one partition, in order
@@ -59,6 +61,7 @@ OUTBOX_CHUNK_BYTES = 256_000  # outputs to the stage's partitions go out in reco
 CATCH_UP_CHUNK = 20_000
 STALE_AFTER_MS = 20 * 3_600_000  # under the changelog's delete.retention.ms (Kafka's default: 24 h)
 MEMOS_PER_RUN = 20_000  # memo tombstones per partition and transaction (≈ 1 MB): a backlog of them goes in steps
+MEMO_SWEEP_S = 10.0  # how often a stage drops memos past the horizon (agents/memo.py)
 
 
 def command_records(keyed: Sequence[tuple[str, dict[str, Any]]], topic: str, codec: AvroCodec, partitions: int) -> list[Record]:
@@ -186,6 +189,33 @@ class PartitionedStage:
     @property
     def name(self) -> str:
         return self.io.name
+
+    # -- the stage contract (topology/runtime/stage.py) --------------------------------------------------------
+
+    def inputs(self) -> list[str]:
+        return list(self.io.inputs)
+
+    def timers(self) -> list[Timer]:
+        async def sweep() -> None:
+            await self.expire_memos(self.memo_clock_ms())
+
+        return [(MEMO_SWEEP_S, sweep)] if self.io.memos and self.memo_horizon_ms is not None else []
+
+    def memo_clock_ms(self) -> int:
+        """The time memos expire by (compute: its stream clock)."""
+        return int(time.time() * 1000)
+
+    def metrics(self) -> list[Metric]:
+        work = Metric(f"cdp_{self.name}_total", "counter", f"{self.name} stage work, by what was done")
+        for name, count in vars(self.counters).items():
+            work.add(count, what=name)
+        memos = Metric("cdp_memos_expired_total", "counter", "per-event memo keys deleted past the memo horizon")
+        return [work, memos.add(self.memos_expired, stage=self.name)]
+
+    @property
+    def counters(self) -> Any:
+        """What the stage did since start (a dataclass of counts)."""
+        raise NotImplementedError
 
     # -- what subclasses decide --------------------------------------------------------------------------------
 

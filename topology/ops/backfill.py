@@ -18,7 +18,7 @@ from typing import Any
 
 from agents.errors import CdpError, ConfigError
 from topology.config import Settings
-from topology.progress import Progress
+from topology.ops.progress import Progress
 
 KINDS = {"trait": "traits", "audience": "audiences"}
 

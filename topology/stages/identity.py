@@ -1,4 +1,4 @@
-"""The identity stage: the protocol's owners on a PartitionedStage (topology/partitioned_stage.py), Kafka between them.
+"""The identity stage: the protocol's owners on a PartitionedStage (topology/runtime/partitioned_stage.py), Kafka between them.
 
 The stage reads cdp.events.raw (key messageId) and cdp.identity.commands (key: the owner's key) with the same
 partition count, so partition N of both lands on one worker and shares store N (changelog cdp.identity.state).
@@ -22,13 +22,15 @@ from agents.events import RawEvent
 from agents.identity.protocol import IdentityProtocol, Outputs, Resolved, event_command
 from agents.identity.records import DONE
 from topology.codecs import AvroCodec
-from topology.dead_letters import DeadLetters
-from topology.partitioned_stage import (
+from topology.runtime.dead_letters import DeadLetters
+from topology.runtime.partitioned_stage import (
     Failure, Output, PartitionedStage, StageIO, command_bytes, command_records, commands_of,
 )  # fmt: skip
-from topology.partitioning import partition_for
-from topology.producer import AsyncProducer, Record
-from topology.state_store import Transaction
+from topology.runtime.partitioning import partition_for
+from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
+from topology.spec import StageSpec, Wiring
+from topology.topics import EVENTS_DEAD_LETTER, EVENTS_RAW, EVENTS_RESOLVED, IDENTITY_COMMANDS, IDENTITY_MERGES, IDENTITY_STATE
+from topology.runtime.state_store import Transaction
 
 log = logging.getLogger(__name__)
 
@@ -157,4 +159,37 @@ class IdentityStage(PartitionedStage):
                 setattr(self._counters, item[1]["kind"], getattr(self._counters, item[1]["kind"]) + 1)
 
 
-__all__ = ["IdentityStage", "IdentityTopics", "IdentityCodecs", "Resolved", "partition_for"]
+SPEC = StageSpec(
+    "identity", "cdp worker (stage 'identity', read in batches beneath Faust)", (EVENTS_RAW, IDENTITY_COMMANDS),
+    (EVENTS_RESOLVED, IDENTITY_MERGES, IDENTITY_COMMANDS, IDENTITY_STATE, EVENTS_DEAD_LETTER),
+    ("identifiers, profiles, sagas: RocksDB per partition, changelog = identity.state",),
+    "resolves every identifier to one profile; owners per identifier/profile/event talk over identity.commands",
+    (EVENTS_RAW, IDENTITY_COMMANDS, IDENTITY_STATE),
+)  # fmt: skip
+
+
+def wire(w: Wiring) -> IdentityStage:
+    """events.raw and identity.commands (co-partitioned) into one store per partition, by the configured rules."""
+    settings, codecs = w.settings, w.codecs
+    topics = IdentityTopics(
+        raw=EVENTS_RAW.name(settings), commands=IDENTITY_COMMANDS.name(settings), state=IDENTITY_STATE.name(settings),
+        resolved=EVENTS_RESOLVED.name(settings), merges=IDENTITY_MERGES.name(settings),
+        dead_letter=EVENTS_DEAD_LETTER.name(settings),
+    )  # fmt: skip
+    return IdentityStage(
+        topics=topics,
+        codecs=IdentityCodecs(
+            raw=codecs.for_topic(EVENTS_RAW), command=codecs.for_topic(IDENTITY_COMMANDS), state=codecs.for_topic(IDENTITY_STATE),
+            resolved=codecs.for_topic(EVENTS_RESOLVED), merges=codecs.for_topic(IDENTITY_MERGES),
+            dead_letter=codecs.for_topic(EVENTS_DEAD_LETTER),
+        ),  # fmt: skip
+        protocol=IdentityProtocol(settings.identity, max_record_bytes=MAX_RECORD_BYTES),
+        partitions=IDENTITY_COMMANDS.partition_count(settings),
+        store_dir=w.stage_dir("identity"),
+        memo_horizon_ms=settings.topics.memo_horizon,
+        bootstrap=settings.kafka_bootstrap,
+        producer=w.producer,
+    )
+
+
+__all__ = ["SPEC", "IdentityCodecs", "IdentityStage", "IdentityTopics", "Resolved", "partition_for", "wire"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from agents.errors import CdpError
 from agents.events import DeadLetter
 from topology.codecs import AvroCodec
-from topology.producer import Record
+from topology.runtime.producer import Record
 
 MAX_REASON_CHARS = 2_000  # an error message quoting a 200 KB value must not make a 200 KB dead letter
 MAX_COPIED_BYTES = 400_000  # of the original key and of its value: a dead letter must itself fit a Kafka record

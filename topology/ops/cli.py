@@ -18,13 +18,13 @@ from pathlib import Path
 from agents.errors import CdpError, ConfigError
 from topology.config import Settings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_CONFIG = REPO_ROOT / "cdp.example.yaml"
 
 
 def local_kafka(settings: Settings):  # -> LocalKafka; imported lazily, most commands don't need Java
     """The embedded broker for `settings.kafka_bootstrap`, which must then be a local address."""
-    from topology.kafka_local import LocalKafka
+    from topology.ops.kafka_local import LocalKafka
 
     host, _, port = settings.kafka_bootstrap.split(",")[0].rpartition(":")
     if host not in ("localhost", "127.0.0.1", "") or not port.isdigit():
@@ -55,7 +55,7 @@ def cmd_kafka(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
-    from topology.admin import ensure_topics
+    from topology.ops.admin import ensure_topics
 
     reports = ensure_topics(settings)
     for report in reports:
@@ -73,12 +73,12 @@ def cmd_topology(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     import faust
 
-    from topology import gc_tuning
+    from topology.runtime import gc_tuning
     from topology.graph import build
 
     if args.web_port is not None:
         settings = replace(settings, web_port=args.web_port)
-    from topology.admin import check_copartitioned
+    from topology.ops.admin import check_copartitioned
     from topology.graph import copartitioned_pairs
 
     check_copartitioned(settings, copartitioned_pairs())  # the stage specs say which topics meet per partition
@@ -102,7 +102,7 @@ def _use_uvloop() -> None:
 
 
 def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
-    from topology.ingest_main import serve
+    from topology.ops.ingest_main import serve
 
     if args.port is not None:
         settings = replace(settings, ingest_port=args.port)
@@ -112,8 +112,8 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     """Everything on the embedded default, in one process group: local Kafka, topics, a worker, the ingest."""
-    from topology.admin import ensure_topics
-    from topology.kafka_local import is_reachable
+    from topology.ops.admin import ensure_topics
+    from topology.ops.kafka_local import is_reachable
 
     env = dict(os.environ)
     if settings.config_path is None:
@@ -128,8 +128,8 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
         if report.status != "ok":
             print(f"topics: {report.status} {report.name} {report.detail}")
     children = [
-        subprocess.Popen([sys.executable, "-m", "topology.cli", "worker"], env=env),
-        subprocess.Popen([sys.executable, "-m", "topology.cli", "ingest"], env=env),
+        subprocess.Popen([sys.executable, "-m", "topology.ops.cli", "worker"], env=env),
+        subprocess.Popen([sys.executable, "-m", "topology.ops.cli", "ingest"], env=env),
     ]
     key = next(iter(settings.source_by_write_key()), "<a write key from your config>")
     print(
@@ -197,14 +197,14 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
-    from topology.backfill_command import backfill
+    from topology.ops.backfill import backfill
 
     print(backfill(settings, args.key, args.kind, args.url))
     return 0
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from topology.replay import parse_time, replay
+    from topology.ops.replay import parse_time, replay
 
     print(replay(settings, parse_time(args.from_time), parse_time(args.to_time) if args.to_time else None))
     return 0

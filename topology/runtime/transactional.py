@@ -16,7 +16,7 @@ import confluent_kafka
 from confluent_kafka import KafkaException
 
 from agents.errors import DeliveryFailed
-from topology.producer import Record, producer_config
+from topology.runtime.producer import Record, producer_config
 
 TRANSACTION_TIMEOUT_MS = 60_000
 

@@ -3,7 +3,7 @@
 A batch is retried only when it *must* not be given up: Kafka did not take its writes (broker unreachable, a
 fenced writer: DeliveryFailed, KafkaException) — giving up would let Faust commit inputs whose effects were
 lost — or the stage deliberately waits (agents.errors.Waiting, e.g. compute's definitions feed is behind a
-record). Bad records never get here: the stages dead-letter them (topology/dead_letters.py). While a batch
+record). Bad records never get here: the stages dead-letter them (topology/runtime/dead_letters.py). While a batch
 retries, its partition is *waiting* (a Waiting) or *stalled* (anything else), on /metrics as
 `cdp_partitions_waiting{stage,reason}` / `cdp_partitions_stalled{stage,reason}` (reason: the error's class)
 and in the log: the first failure with its message, then a reminder every minute while it lasts.
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaException
 
 from agents.errors import DeliveryFailed, Waiting
-from topology.dead_letters import describe
-from topology.metrics import Metric
+from topology.runtime.dead_letters import describe
+from topology.web.metrics import Metric
 
 log = logging.getLogger(__name__)
 FIRST_BACKOFF_S = 0.1

@@ -13,9 +13,9 @@ from typing import Any
 
 import aiohttp
 
-from topology.partitioned_stage import PartitionedStage
-from topology.partitioning import partition_for
-from topology.state_store import StateStore
+from topology.runtime.partitioned_stage import PartitionedStage
+from topology.runtime.partitioning import partition_for
+from topology.runtime.state_store import StateStore
 
 HOPS_HEADER = "X-CDP-Hops"
 MAX_HOPS = 8

@@ -4,13 +4,13 @@ Stateless, so run as many `cdp ingest` processes as the load needs. A request is
 Kafka acknowledged every one of its events (acks=all); a request with any bad message is rejected whole (400,
 each problem named), so nothing of it enters the pipeline. Overload is 429 with Retry-After: too many events
 waiting for Kafka in this process (`ingest.max_in_flight`), or the pipeline lagging behind the ingests by more
-than `ingest.max_lag` events, read from Kafka (topology/pipeline_lag.py). Deduplication by messageId happens
+than `ingest.max_lag` events, read from Kafka (topology/runtime/pipeline_lag.py). Deduplication by messageId happens
 behind, in the dedup stage, because every copy of a messageId must meet in one place whichever ingest received it.
 
 Endpoints: POST /v1/{track,identify,page,screen,group,alias} (and analytics.js's short /v1/{t,i,p,s,g,a}),
 /v1/batch (/v1/b) and /v1/import; GET /v1/projects/{writeKey}/settings (analytics.js), /health and /metrics. Auth: HTTP Basic with the write key as user name,
 or `writeKey` in the body. Every error is JSON naming the problem, bodies must arrive within a timeout (408), and
-no input answers 5xx but Kafka not acknowledging (503) — topology/http_common.py.
+no input answers 5xx but Kafka not acknowledging (503) — topology/web/common.py.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from agents.ingest.tracking import (
     to_raw_event,
 )
 from topology.codecs import AvroCodec
-from topology.http_common import BODY_TIMEOUT_S, HttpError, json_errors, read_body
-from topology.metrics import Metric, process_cpu, render
-from topology.pipeline_lag import PipelineLag
-from topology.producer import AsyncProducer, Record
+from topology.web.common import BODY_TIMEOUT_S, HttpError, json_errors, read_body
+from topology.web.metrics import Metric, process_cpu, render
+from topology.runtime.pipeline_lag import PipelineLag
+from topology.runtime.producer import AsyncProducer, Record
 
 SINGLE_CALLS = {
     "track": "track", "identify": "identify", "page": "page", "screen": "screen", "group": "group",
@@ -97,7 +97,7 @@ class IngestServer:
         self.retry_after_s = retry_after_s
         self.request_timeout_s = request_timeout_s
         self.body_timeout_s = body_timeout_s
-        self.lag = lag  # backpressure: refuse while the pipeline lags past ingest.max_lag (topology/pipeline_lag.py)
+        self.lag = lag  # backpressure: refuse while the pipeline lags past ingest.max_lag (topology/runtime/pipeline_lag.py)
         self.in_flight = 0
         self.responses: Counter[int] = Counter()
         self.events_accepted = 0

@@ -23,7 +23,7 @@ import orjson
 from rocksdict import WriteBatch
 
 from agents.state import Overlay
-from topology.rocks import open_db, recreate_db
+from topology.runtime.rocks import open_db, recreate_db
 
 _OFFSET = struct.Struct(">Q")
 _CHANGELOG_NEXT = b"\x00changelog"

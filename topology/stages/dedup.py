@@ -2,7 +2,7 @@
 
 Reads cdp.events.accepted (key messageId, so every copy of a messageId meets in one partition) and writes the
 first sightings to the *same partition number* of cdp.events.raw, which doubles as the changelog of the
-per-partition SeenStore (see topology/seen_store.py). Order of effects per batch, and why it is crash-safe:
+per-partition SeenStore (see topology/runtime/seen_store.py). Order of effects per batch, and why it is crash-safe:
   1. catch up: if the partition was (re)assigned or a write failed, read raw from the store's offset to the end;
   2. decide with agents.ingest.dedup (pure), dead-lettering any record that can't be taken (it doesn't decode, has
      no value, isn't a RawEvent as the ingest writes it, or was received more than MAX_AHEAD_MS ahead of this
@@ -32,13 +32,17 @@ from agents.errors import DeliveryFailed, InvalidRecord, UndecodableError
 from agents.events import RawEvent
 from agents.ingest.dedup import Sightings, first_sightings
 from topology.codecs import AvroCodec
-from topology.dead_letters import DeadLetters
-from topology.input_feed import InputFeed, InputRecord, Polled, drive
-from topology.partition_reader import catch_up_consumer, read_chunks
-from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
-from topology.seen_store import SeenStore
-from topology.stage_cpu import spent_by
-from topology.stalls import RETRIED, PartitionHealth, until_done
+from topology.runtime.dead_letters import DeadLetters
+from topology.runtime.input_feed import InputFeed, InputRecord, Polled, drive
+from topology.runtime.stage import Timer
+from topology.spec import StageSpec, Wiring
+from topology.topics import EVENTS_ACCEPTED, EVENTS_DEAD_LETTER, EVENTS_RAW
+from topology.web.metrics import Metric
+from topology.runtime.partition_reader import catch_up_consumer, read_chunks
+from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
+from topology.runtime.seen_store import SeenStore
+from topology.runtime.stage_cpu import spent_by
+from topology.runtime.stalls import RETRIED, PartitionHealth, until_done
 
 log = logging.getLogger(__name__)
 CATCH_UP_GRACE_MS = 3_600_000  # a store rebuilt from scratch reads this much more than a window of raw
@@ -95,12 +99,26 @@ class DedupStage:
             self._open_store(partition)
         self._stale |= partitions
 
-    def applied_offset(self, partition: int) -> int | None:
-        """The next input offset to decide on `partition`, if this worker has its store open."""
+    def applied_offset(self, partition: int, topic: str | None = None) -> int | None:
+        """The next input offset to decide on `partition` (of its one input), if this worker has its store open."""
         store = self._stores.get(partition)
         return None if store is None else store.next_input
 
-    def on_partitions_revoked(self, partitions: set[int]) -> None:
+    def inputs(self) -> list[str]:
+        return [self.accepted_topic]
+
+    def timers(self) -> list[Timer]:
+        return []  # sightings are forgotten as stream time passes, in the batch
+
+    def metrics(self) -> list[Metric]:
+        counters = self.counters
+        events = Metric("cdp_dedup_events_total", "counter", "dedup stage decisions")
+        events.add(counters.passed, outcome="passed").add(counters.duplicates, outcome="duplicate")
+        events.add(counters.dead_lettered, outcome="dead_lettered")
+        caught_up = Metric("cdp_dedup_caught_up_total", "counter", "sightings read back from the raw topic")
+        return [events, caught_up.add(counters.caught_up)]
+
+    async def on_partitions_revoked(self, partitions: set[int]) -> None:
         """Whoever gets these next may write to raw: if they come back, catch up first (and free the DB now)."""
         for partition in partitions:
             store = self._stores.pop(partition, None)
@@ -256,3 +274,27 @@ class DedupStage:
         for store in self._stores.values():
             store.close()
         self._stores.clear()
+
+
+SPEC = StageSpec(
+    "dedup", "cdp worker (stage 'dedup', read in batches beneath Faust)", (EVENTS_ACCEPTED,), (EVENTS_RAW, EVENTS_DEAD_LETTER),
+    ("seen-by-message-id: RocksDB per partition, changelog = events.raw",),
+    "first sighting of each messageId within ingest.dedup_window passes, to the same partition number",
+    (EVENTS_ACCEPTED, EVENTS_RAW),
+)  # fmt: skip
+
+
+def wire(w: Wiring) -> DedupStage:
+    """events.accepted into events.raw, one SeenStore per partition."""
+    settings, codecs = w.settings, w.codecs
+    return DedupStage(
+        accepted_topic=EVENTS_ACCEPTED.name(settings),
+        raw_topic=EVENTS_RAW.name(settings),
+        dead_letter_topic=EVENTS_DEAD_LETTER.name(settings),
+        codec=codecs.for_topic(EVENTS_ACCEPTED),
+        dead_letter_codec=codecs.for_topic(EVENTS_DEAD_LETTER),
+        window_ms=settings.ingest.dedup_window_ms,
+        store_dir=w.stage_dir("dedup"),
+        bootstrap=settings.kafka_bootstrap,
+        producer=w.producer,
+    )

@@ -37,7 +37,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicP
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from topology.config import Settings
-from topology.metrics import Metric
+from topology.web.metrics import Metric
 from topology.topics import EVENTS_ACCEPTED, EVENTS_RAW, EVENTS_RESOLVED
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def hop_lags(partitions: Mapping[tuple[str, int], Offsets], topics: Mapping[str,
 
 
 def pipeline_group(settings: Settings) -> str:
-    """The workers' consumer group: the Faust app id of topology/graph.py's create_app."""
+    """The workers' consumer group: the Faust app id of topology/app.py's create_app."""
     return f"{settings.topics.prefix}-pipeline"
 
 

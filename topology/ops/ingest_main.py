@@ -1,6 +1,6 @@
 """`cdp ingest`: serve the HTTP ingest until SIGTERM/SIGINT, then flush what Kafka has not acknowledged yet.
 
-With `ingest.max_lag` set, a thread reads the pipeline's lag from Kafka while it serves (topology/pipeline_lag.py)."""
+With `ingest.max_lag` set, a thread reads the pipeline's lag from Kafka while it serves (topology/runtime/pipeline_lag.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from aiohttp import web
 
 from topology.config import Settings
 from topology.graph import ingest_server
-from topology.http_common import json_protocol_errors
-from topology.producer import AsyncProducer, producer_config
+from topology.web.common import json_protocol_errors
+from topology.runtime.producer import AsyncProducer, producer_config
 
 
 def serve(settings: Settings) -> None:

@@ -30,6 +30,15 @@ def process_cpu() -> Metric:
     return Metric("cdp_process_cpu_seconds_total", "counter", "CPU seconds used by this process").add(time.process_time())
 
 
+def merged(metrics: Iterable[Metric]) -> list[Metric]:
+    """One family per name: several stages report samples of one metric (e.g. memos expired, by stage)."""
+    families: dict[str, Metric] = {}
+    for metric in metrics:
+        family = families.setdefault(metric.name, Metric(metric.name, metric.kind, metric.help))
+        family.samples.extend(metric.samples)
+    return list(families.values())
+
+
 def render(metrics: Iterable[Metric]) -> str:
     lines: list[str] = []
     for metric in metrics:

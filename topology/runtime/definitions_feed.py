@@ -30,7 +30,7 @@ from agents.compute.definitions import parse_trait
 from agents.compute.generations import Live
 from agents.errors import CdpError, ConfigError, DeliveryFailed
 from topology.codecs import AvroCodec
-from topology.producer import AsyncProducer, Record
+from topology.runtime.producer import AsyncProducer, Record
 
 log = logging.getLogger(__name__)
 KINDS = {"traits": "trait", "audiences": "audience", "destinations": "destination"}

@@ -2,10 +2,10 @@
 
 Every input is checked before it is used, and a bad one is a 400 naming it: a partition in a path is a number
 of a partition that exists, `limit` a positive whole number (larger than PAGE_MAX is cut to it), the
-`X-CDP-Hops` header (set by workers forwarding a request, topology/routing.py) a small whole number; the admin
+`X-CDP-Hops` header (set by workers forwarding a request, topology/web/routing.py) a small whole number; the admin
 token is compared as bytes. A definition's body must arrive within a timeout (408) and stay under the
-definition limits (agents/compute/definitions.py). Errors are JSON (topology/http_common.py). The views' logic
-lives in topology/identity_views.py and topology/compute_views.py; this module only wires and checks.
+definition limits (agents/compute/definitions.py). Errors are JSON (topology/web/common.py). The views' logic
+lives in topology/web/identity_views.py and topology/web/compute_views.py; this module only wires and checks.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from faust.web import View
 
 from agents.compute.definitions import MAX_DEFINITION_BYTES
 from agents.errors import CdpError, ConfigError
-from topology.compute_views import INTERNAL, PAGE_DEFAULT, PAGE_MAX, ComputeViews
+from topology.web.compute_views import INTERNAL, PAGE_DEFAULT, PAGE_MAX, ComputeViews
 from topology.config import Settings
-from topology.definitions_feed import KINDS, Conflict, DefinitionsFeed
-from topology.http_common import HttpError, read_body, same_secret
-from topology.identity_views import IdentityViews
-from topology.metrics import Metric, render
-from topology.producer import AsyncProducer
-from topology.routing import HOPS_HEADER, MAX_HOPS
+from topology.runtime.definitions_feed import KINDS, Conflict, DefinitionsFeed
+from topology.web.common import HttpError, read_body, same_secret
+from topology.web.identity_views import IdentityViews
+from topology.web.metrics import Metric, render
+from topology.runtime.producer import AsyncProducer
+from topology.web.routing import HOPS_HEADER, MAX_HOPS
 
 
 def text_param(value: str, name: str) -> str:

@@ -1,6 +1,6 @@
 """The compute web views: a profile's computed traits and audiences, audience sizes and member lists.
 
-Every answer is assembled from the owners of the compute partitions (topology/routing.py, by partition of
+Every answer is assembled from the owners of the compute partitions (topology/web/routing.py, by partition of
 cdp.events.resolved): a profile from its partition's owner, an audience's size as the sum over all partitions,
 its members partition by partition in key order, so a cursor (`<partition>:<last profile id>`) walks the whole
 list exactly once whichever worker each page is asked of. A partition without a ready owner makes the answer
@@ -16,8 +16,8 @@ from urllib.parse import quote
 from agents.compute import traits as trait_state
 from agents.compute.engine import member_key
 from agents.compute.generations import Live
-from topology.routing import Answer, Router
-from topology.state_store import StateStore
+from topology.web.routing import Answer, Router
+from topology.runtime.state_store import StateStore
 
 INTERNAL = "/v1/internal/compute"
 PAGE_DEFAULT, PAGE_MAX = 100, 1_000

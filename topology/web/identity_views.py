@@ -1,5 +1,5 @@
 """The identity web views: any worker answers, reading the owner's store or asking the owner over HTTP
-(topology/routing.py, by partition of cdp.identity.commands). A merged profile answers with its survivor
+(topology/web/routing.py, by partition of cdp.identity.commands). A merged profile answers with its survivor
 (`requested_profile_id` says what was asked); `enrich` adds what other stages know of the profile (compute's
 traits and audiences).
 """
@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 from agents.identity.protocol import identifier_key, identifier_record, profile_record
-from topology.routing import Answer, Router
+from topology.web.routing import Answer, Router
 
 Enrich = Callable[[str, int], Awaitable[dict[str, Any]]]
 

@@ -39,15 +39,21 @@ from agents.errors import UndecodableError
 from agents.events import ResolvedEvent
 from agents.state import Overlay
 from topology.codecs import AvroCodec
-from topology.dead_letters import DeadLetters
-from topology.input_feed import InputFeed
-from topology.partition_reader import catch_up_consumer, read_range
-from topology.partitioned_stage import (
+from topology.runtime.dead_letters import DeadLetters
+from topology.runtime.input_feed import InputFeed
+from topology.runtime.stage import Timer
+from topology.spec import StageSpec, Wiring
+from topology.topics import (
+    AUDIENCE_MEMBERSHIP, COMPUTE_COMMANDS, COMPUTE_STATE, DEFINITIONS, EVENTS_DEAD_LETTER, EVENTS_RESOLVED,
+    IDENTITY_MERGES, PROFILE_CHANGES,
+)  # fmt: skip
+from topology.runtime.partition_reader import catch_up_consumer, read_range
+from topology.runtime.partitioned_stage import (
     Failure, Output, PartitionedStage, StageIO, command_bytes, command_records, commands_of,
 )  # fmt: skip
-from topology.producer import MAX_RECORD_BYTES, AsyncProducer, Record
-from topology.stalls import RETRIED
-from topology.state_store import StateStore, Transaction
+from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
+from topology.runtime.stalls import RETRIED
+from topology.runtime.state_store import StateStore, Transaction
 
 log = logging.getLogger(__name__)
 TICK_S = 5.0  # how often windows are checked: exits happen within TICK_S + one bucket (window / 60) of due
@@ -135,6 +141,12 @@ class ComputeStage(PartitionedStage):
     def counters(self) -> ComputeCounters:
         self._counters.dead_lettered, self._counters.caught_up = self.dead_lettered, self.caught_up
         return self._counters
+
+    def memo_clock_ms(self) -> int:
+        return self.now()
+
+    def timers(self) -> list[Timer]:
+        return [(TICK_S, self.tick), *super().timers()]  # tick never raises: an exception would kill the worker
 
     def now(self) -> int:
         return int(self.clock() * 1000)
@@ -382,3 +394,39 @@ class ComputeStage(PartitionedStage):
         self._emit(changes, out)
 
 
+SPEC = StageSpec(
+    "compute", "cdp worker (stage 'compute', read in batches beneath Faust)", (EVENTS_RESOLVED, IDENTITY_MERGES, COMPUTE_COMMANDS, DEFINITIONS),
+    (PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, COMPUTE_COMMANDS, COMPUTE_STATE, EVENTS_DEAD_LETTER),
+    ("trait states, memberships, merge forwards: RocksDB per partition, changelog = compute.state",),
+    "computed traits and audiences per profile, folded on merges, windows slid by a clock; changes exactly once",
+    (EVENTS_RESOLVED, IDENTITY_MERGES, COMPUTE_COMMANDS, COMPUTE_STATE),
+)  # fmt: skip
+
+
+def wire(w: Wiring) -> ComputeStage:
+    """events.resolved, identity.merges and compute.commands (co-partitioned) into one store per partition,
+    counting by the definitions the worker follows."""
+    settings, codecs, definitions = w.settings, w.codecs, w.definitions
+    topics = ComputeTopics(
+        resolved=EVENTS_RESOLVED.name(settings), merges=IDENTITY_MERGES.name(settings),
+        commands=COMPUTE_COMMANDS.name(settings), state=COMPUTE_STATE.name(settings),
+        changes=PROFILE_CHANGES.name(settings), membership=AUDIENCE_MEMBERSHIP.name(settings),
+        dead_letter=EVENTS_DEAD_LETTER.name(settings),
+    )  # fmt: skip
+    return ComputeStage(
+        topics=topics,
+        codecs=ComputeCodecs(
+            resolved=codecs.for_topic(EVENTS_RESOLVED), merges=codecs.for_topic(IDENTITY_MERGES),
+            command=codecs.for_topic(COMPUTE_COMMANDS), state=codecs.for_topic(COMPUTE_STATE),
+            changes=codecs.for_topic(PROFILE_CHANGES), membership=codecs.for_topic(AUDIENCE_MEMBERSHIP),
+            dead_letter=codecs.for_topic(EVENTS_DEAD_LETTER),
+        ),  # fmt: skip
+        live=lambda: definitions.live,
+        live_ready=definitions.caught_up.is_set,
+        definitions_exist=definitions.exists,
+        partitions=EVENTS_RESOLVED.partition_count(settings),
+        store_dir=w.stage_dir("compute"),
+        memo_horizon_ms=settings.topics.memo_horizon,
+        bootstrap=settings.kafka_bootstrap,
+        producer=w.producer,
+    )

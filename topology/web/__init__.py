@@ -1,0 +1,1 @@
+"""HTTP: the ingest server, the worker's views and definitions API, routing to owners, metrics."""
