@@ -50,7 +50,7 @@ from topology.web.metrics import Metric, merged, process_cpu
 from topology.web.routing import Router
 
 log = logging.getLogger(__name__)
-COMMIT_INTERVAL_S = 1.0  # input offsets committed to the group: what a crash re-reads at most, what the lag counts
+COMMIT_INTERVAL_S = 0.2  # input offsets committed to the group: what a crash re-reads at most, what the lag counts twice
 
 INGEST = StageSpec(
     "ingest", "cdp ingest (HTTP, stateless; run N)", ("HTTP POST /v1/{track,identify,page,screen,group,alias,batch,import}",),

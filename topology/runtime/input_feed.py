@@ -11,7 +11,7 @@ against ≈ 2 µs for `Consumer.consume`). `never_fetch` keeps Faust's consumer 
 Per partition the feed hands out records in offset order. A rebalance bumps the partition's *epoch*: a batch
 polled before it is stale (the partition may have moved and come back at another offset) and is dropped unread,
 so a stage never applies records out of order. Offsets are committed to Faust's group (through Faust's own
-consumer, the only member that may) once the stage has made a batch durable, every `commit_interval`; a crash
+consumer, the only member that may) once the stage has made a batch durable, every commit interval (graph.py); a crash
 between the two re-reads at most that much, which the stages take idempotently (watermarks, seen-store), as
 they did with Faust's commits.
 """

@@ -10,8 +10,8 @@ and adds the three hops.
 Why the sum: an event the ingest wrote and compute has not applied is in exactly one hop's backlog — accepted
 until dedup passed it on, raw until identity did, resolved until compute applied it — so the sum counts it once;
 duplicates that dedup drops and records that go to a dead letter leave the count. Committed offsets trail what
-the stages did: a stage's output is on the next hop before Faust commits the input it came from (every second),
-so for up to one commit interval an event counts on two hops (three, if it crossed two stages in that second).
+the stages did: a stage's output is on the next hop before the input it came from is committed (every 0.2 s,
+topology/graph.py), so for up to one commit interval an event counts on two hops (three, if it crossed two).
 So a reading errs upwards only, by at most what the stages move in one commit interval (and never more than the
 backlog itself), and the ingest refuses a little early rather than late. Identity writes `events.resolved` in
 transactions, whose commit markers take an offset each; they count until compute commits past them, and are gone
