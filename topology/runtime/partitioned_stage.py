@@ -241,8 +241,8 @@ class PartitionedStage:
     # -- partitions --------------------------------------------------------------------------------------------
 
     def on_partitions_assigned(self, partitions: set[int]) -> None:
-        """Catch up now, not at the partition's next input: its views must answer and a crash's outbox must go
-        out (whoever waits on it) even if no new record ever arrives on it."""
+        """Catch up now, not at the partition's next input: its views must answer (and an earlier version's outbox
+        must go out) even if no new record ever arrives on it."""
         self._assigned |= partitions
         self._stale |= partitions
         for partition in partitions:
@@ -272,7 +272,7 @@ class PartitionedStage:
         return self._locks.setdefault(partition, asyncio.Lock())
 
     async def _warm(self, partition: int) -> None:
-        """Catch up (and re-send a pending outbox) until it works or the partition is gone."""
+        """Catch up (and send an earlier version's outbox) until it works or the partition is gone."""
 
         async def attempt() -> None:
             async with self._lock(partition):
@@ -298,7 +298,7 @@ class PartitionedStage:
         mark = store.get(f"w|{self.io.inputs[topic]}")
         return 0 if mark is None else int(mark["next"])
 
-    # -- the agent ---------------------------------------------------------------------------------------------
+    # -- reading the inputs -----------------------------------------------------------------------------------
 
     async def run(self, feed: InputFeed) -> None:
         """Read the stage's inputs for ever: batches of records from every input, each partition's in offset order."""
