@@ -166,14 +166,11 @@ class PartitionedStage:
         store_dir: Path,
         bootstrap: str,
         producer: Callable[[], AsyncProducer],
-        batch_size: int = 2_000,
-        batch_within: float = 0.02,
         memo_horizon_ms: int | None = None,
     ) -> None:
         """`memo_horizon_ms`: how long after an event's received_at its memos are kept (None: for ever)."""
         self.io, self.partitions, self.store_dir, self.bootstrap = io, partitions, store_dir, bootstrap
         self._producer = producer
-        self.batch_size, self.batch_within = batch_size, batch_within
         self.memo_horizon_ms = memo_horizon_ms
         self.memos_expired = 0
         self.dead_lettered = 0

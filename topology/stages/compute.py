@@ -117,8 +117,6 @@ class ComputeStage(PartitionedStage):
         bootstrap: str,
         producer: Callable[[], AsyncProducer],
         clock: Callable[[], float] = time.time,
-        batch_size: int = 2_000,
-        batch_within: float = 0.02,
         memo_horizon_ms: int | None = None,
     ) -> None:
         io = StageIO(
@@ -128,7 +126,7 @@ class ComputeStage(PartitionedStage):
             memos=SEEN_MEMOS,
         )  # fmt: skip
         super().__init__(io=io, partitions=partitions, store_dir=store_dir, bootstrap=bootstrap, producer=producer,
-                         batch_size=batch_size, batch_within=batch_within, memo_horizon_ms=memo_horizon_ms)  # fmt: skip
+                         memo_horizon_ms=memo_horizon_ms)  # fmt: skip
         self.live, self.live_ready = live, live_ready
         self._snapshot = live()  # the definitions of the batch being applied (see prepare)
         self.topics, self.codecs, self.clock = topics, codecs, clock

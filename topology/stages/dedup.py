@@ -77,8 +77,6 @@ class DedupStage:
         store_dir: Path,
         bootstrap: str,
         producer: Callable[[], AsyncProducer],
-        batch_size: int = 2_000,
-        batch_within: float = 0.05,
     ) -> None:
         self.accepted_topic, self.raw_topic = accepted_topic, raw_topic
         self.codec, self.dead_letters = codec, DeadLetters("dedup", dead_letter_topic, dead_letter_codec)
@@ -86,7 +84,6 @@ class DedupStage:
         self.store_dir = store_dir
         self.bootstrap = bootstrap
         self._producer = producer
-        self.batch_size, self.batch_within = batch_size, batch_within
         self.counters = DedupCounters()
         self.health = PartitionHealth("dedup")
         self._stores: dict[int, SeenStore] = {}

@@ -84,8 +84,6 @@ class IdentityStage(PartitionedStage):
         store_dir: Path,
         bootstrap: str,
         producer: Callable[[], AsyncProducer],
-        batch_size: int = 2_000,
-        batch_within: float = 0.02,
         memo_horizon_ms: int | None = None,
     ) -> None:
         io = StageIO(
@@ -94,7 +92,7 @@ class IdentityStage(PartitionedStage):
             memos=(DONE,),
         )  # fmt: skip
         super().__init__(io=io, partitions=partitions, store_dir=store_dir, bootstrap=bootstrap, producer=producer,
-                         batch_size=batch_size, batch_within=batch_within, memo_horizon_ms=memo_horizon_ms)  # fmt: skip
+                         memo_horizon_ms=memo_horizon_ms)  # fmt: skip
         self.topics, self.codecs, self.protocol = topics, codecs, protocol
         self._counters = IdentityCounters()
 
