@@ -130,6 +130,8 @@ def scrape(url: str) -> dict[str, dict[str, float]]:
             found["compute"][labels["what"]] = value
         elif name == "cdp_stage_cpu_seconds_total":
             found["stage_cpu"][labels["stage"]] = value
+        elif name == "cdp_transactions_total":
+            found["transactions"][labels["stage"]] = value
         elif name == "cdp_gc_seconds_total":
             found["gc"][labels["generation"]] = value
         elif name == "cdp_consumer_lag":
@@ -274,6 +276,8 @@ def throughput(shared: Settings, name: str, worker_count: int, events: int) -> d
             rss = [peak_rss_mib(pid) for pid in pids]
             stage_cpu = summed(after, "stage_cpu")
             stage_cpu.subtract(summed(before, "stage_cpu"))
+            transactions = summed(after, "transactions")
+            transactions.subtract(summed(before, "transactions"))
             gc_spent = sum(summed(after, "gc").values()) - sum(summed(before, "gc").values())
             state_dirs = directory_bytes(bench.scratch / "data")
         written = topic_traffic(bench.settings)
@@ -287,6 +291,7 @@ def throughput(shared: Settings, name: str, worker_count: int, events: int) -> d
             "broker_cpu_us_per_event": round(broker / events * 1e6, 1) if bench.broker_pid else None,
             "stage_cpu_us_per_event": {stage: round(s / events * 1e6, 1) for stage, s in sorted(stage_cpu.items())},
             "machinery_cpu_us_per_event": round((cpu - sum(stage_cpu.values())) / events * 1e6, 1),
+            "transactions_per_1000_events": {stage: round(n / events * 1000, 1) for stage, n in sorted(transactions.items())},
             "gc_us_per_event": round(gc_spent / events * 1e6, 1),  # wall time, inside the stages' or the machinery's share
             "thread_cpu_us_per_event": {name: round(s / events * 1e6, 1) for name, s in threads.most_common() if s > 0},
             "records_per_event": round(sum(t["records"] for t in written.values()) / events, 2),

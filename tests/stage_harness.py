@@ -84,7 +84,7 @@ def identity(root: Path, rules: IdentityRules) -> OnePartition:
                             resolved=_codec("resolved_event"), merges=_codec("merge_log_entry"), dead_letter=_codec("dead_letter"))  # fmt: skip
     stage = IdentityStage(topics=topics, codecs=codecs, protocol=IdentityProtocol(rules), partitions=1, store_dir=root,
                           bootstrap="unused:0", producer=_no_kafka)  # fmt: skip
-    return OnePartition(stage, StateStore(root / "identity-0"))
+    return OnePartition(stage, StateStore(root / "identity-0", stage.io.volatile))
 
 
 def compute(root: Path, traits: Sequence[Any], audiences: Sequence[Any] = (), now_s: float = 1_700_000_100.0) -> OnePartition:

@@ -4,7 +4,8 @@ Every piece of identity state has exactly one owner partition and changes only t
 
     identifier   "i|type|value" -> {"p": the profile it points at}          owner: partition of key "type:value"
     profile      "p|<id>"       -> identifiers, merges, pointer, lock, queue owner: partition of key "<id>"
-    event saga   "e|<messageId>"-> the event's resolution under way          owner: partition of key "<messageId>"
+    event saga   "c|<messageId>"-> the event's resolution, claims out        owner: partition of key "<messageId>"
+                 "e|<messageId>"   ... once it asked for a join (durable from then on, see below)
     decision     "d|<request>"  -> how a join request was decided (memo)     owners: the survivor's and the younger's
     resolution   "r@<hour>|<messageId>" -> the profile the event was resolved to, owner: partition of key "<messageId>";
                  filed under the hour of its received_at, deleted past the memo horizon (agents/memo.py)
@@ -30,7 +31,12 @@ profile frozen, so no profile ever holds more than a rule allows.
 Why it survives crashes: handlers are idempotent against a command delivered twice (a claim answers the same
 holder, a join locked by the same request is not locked again, a decided request answers its memo), so the
 stage may re-send its outbox after a SIGKILL. Ids are deterministic: a profile's id derives from the event that
-created it, a join request's id from the event and step.
+created it, a join request's id from the event and step. A saga whose claims are still out (`c|`) has sent
+nothing else, and a claim sent again takes nothing new (only a free identifier, for the event's deterministic
+profile id), so the stage may keep it in memory only: lost in a crash, it is started again from its event, and
+answers to the lost one are dropped or taken as the new one's. Once a saga asks for a join it lives at `e|`, durable, since a join
+request's id must not be reused for another pair (tests/unit/test_identity_protocol.py loses claiming sagas at
+random against the same oracles).
 
 Why a bad command can't leave anyone waiting: `apply` checks a command (agents/identity/commands.py) and handles
 it all or nothing; one that is malformed or fails (a bug, a record no version of us wrote, a state record it would
@@ -53,15 +59,15 @@ from agents.events import RawEvent
 from agents.identity.commands import check_command
 from agents.identity.identifiers import extract
 from agents.identity.records import (
-    DONE, LEFT_OUT, LOG_KEPT, Command, Outputs, Record, Resolved, event_command, identifier_key,
-    identifier_record, log_entry, profile_id_for, profile_record, saga_record,
+    DONE, LEFT_OUT, LOG_KEPT, Command, Outputs, Record, Resolved, claiming_record, drop_saga, event_command,
+    identifier_key, identifier_record, load_saga, log_entry, profile_id_for, profile_record, saga_record, store_saga,
 )  # fmt: skip
 from agents.identity.rules import IdentityRules
 from agents.identity.settle import Settling
 from agents.state import Overlay, State, check_sizes
 
-__all__ = ["IdentityProtocol", "Outputs", "Resolved", "event_command", "identifier_key", "identifier_record",
-           "profile_id_for", "profile_record", "saga_record"]  # fmt: skip
+__all__ = ["IdentityProtocol", "Outputs", "Resolved", "claiming_record", "event_command", "identifier_key",
+           "identifier_record", "load_saga", "profile_id_for", "profile_record", "saga_record"]  # fmt: skip
 
 
 class IdentityProtocol(Settling):
@@ -99,7 +105,7 @@ class IdentityProtocol(Settling):
     def _on_event(self, command: Command, state: State, out: Outputs) -> None:
         event: RawEvent = command["event"]
         message_id, at = event["message_id"], int(event["timestamp"])
-        if state.get(saga_record(message_id)) is not None:
+        if load_saga(state, message_id) is not None:
             return  # already under way (the same event re-read)
         _, done = memo.seen(state, DONE, event, message_id)
         if done is not None:  # resolved before (a replay): the same answer, so compute sees the same record again
@@ -131,7 +137,7 @@ class IdentityProtocol(Settling):
                 identifier_key(type_, value),
                 {"kind": "claim", "message_id": message_id, "index": index, "type": type_, "value": value, "candidate": saga["pid"]},
             )
-        state.put(saga_record(message_id), saga)
+        store_saga(state, saga)
 
     def _within_limits(self, identifiers: Sequence[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[list[str]]]:
         """An event alone can't break a rule: beyond a type's limit or the identifier cap, the rest is demoted."""
@@ -150,7 +156,7 @@ class IdentityProtocol(Settling):
         return kept, demoted
 
     def _on_claimed(self, command: Command, state: State, out: Outputs) -> None:
-        saga = state.get(saga_record(command["message_id"]))
+        saga = load_saga(state, command["message_id"])
         index = command["index"]
         if saga is not None and index >= len(saga["holders"]):
             raise InvalidRecord(f"claimed answers identifier {index} of {command['message_id']}, which has {len(saga['holders'])}")
@@ -164,7 +170,7 @@ class IdentityProtocol(Settling):
             if command["fresh"]:
                 saga["fresh"].append(index)
         if any(holder is None for holder in saga["holders"]):
-            state.put(saga_record(command["message_id"]), saga)
+            store_saga(state, saga)
             return
         self._create_own(saga, out)
         saga["current"], saga["step"] = next((h for h in saga["holders"] if h != LEFT_OUT), saga["pid"]), 1
@@ -195,12 +201,12 @@ class IdentityProtocol(Settling):
                 join = {"kind": "join", "request": request, "message_id": message_id, "a": saga["current"], "b": holder,
                         "at": saga["at"], "link": link}  # fmt: skip
                 out.send(max(saga["current"], holder), join)
-                state.put(saga_record(message_id), saga)
+                store_saga(state, saga)
                 return
         self._finish(saga, state, out)
 
     def _on_joined(self, command: Command, state: State, out: Outputs) -> None:
-        saga = state.get(saga_record(command["message_id"]))
+        saga = load_saga(state, command["message_id"])
         if saga is None or saga["step"] == 0 or command["request"] != f"{command['message_id']}#{saga['step']}":
             return  # an answer delivered twice
         holder = saga["holders"][saga["step"]]
@@ -220,7 +226,7 @@ class IdentityProtocol(Settling):
         state.put(memo.memo_key(DONE, event, event["message_id"]), {"p": profile_id, "ids": identifiers})
         for type_, value, rule in saga["demoted"]:
             out.log.append(log_entry("demoted", profile_id, None, [[type_, value]], event["message_id"], saga["at"], rule))
-        state.delete(saga_record(event["message_id"]))
+        drop_saga(state, saga)
 
     # -- identifiers, at the identifier's owner ---------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The identity stage's records and outputs, shared by the protocol's handlers and by what settles a failed command.
 
 Record keys (each owned by the partition of its Kafka key, agents/identity/protocol.py says why):
-`i|type|value` an identifier, `p|<id>` a profile, `e|<messageId>` an event's saga, `r@<hour>|<messageId>` its resolution,
-`d|<request>` how a join request was decided.
+`i|type|value` an identifier, `p|<id>` a profile, `c|<messageId>` an event's saga while its claims are out,
+`e|<messageId>` the saga once it has asked for a join, `r@<hour>|<messageId>` its resolution, `d|<request>` how a
+join request was decided.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agents.events import MergeLogEntry, RawEvent
+from agents.state import State
 
 Command = dict[str, Any]
 Record = dict[str, Any]
@@ -69,7 +71,45 @@ def profile_record(profile_id: str) -> str:
 
 
 def saga_record(message_id: str) -> str:
+    """A saga that has asked for a join (or was written by a version that kept every saga durable)."""
     return f"e|{message_id}"
+
+
+CLAIMING = "c|"
+
+
+def claiming_record(message_id: str) -> str:
+    """A saga whose claims are still out: it has sent nothing but claims, which are answered the same however often
+    they are sent, so the stage may keep it in memory only and, after a crash, start it again from its event
+    (topology/stages/identity.py)."""
+    return f"{CLAIMING}{message_id}"
+
+
+def load_saga(state: State, message_id: str) -> Record | None:
+    """The event's saga under way, wherever it is kept (`c|` while claiming, `e|` after)."""
+    saga = state.get(claiming_record(message_id))
+    if saga is None:
+        saga = state.get(saga_record(message_id))
+        if saga is not None:
+            saga["durable"] = True  # kept at e| from now on (an earlier version's claiming sagas too)
+    return saga
+
+
+def store_saga(state: State, saga: Record) -> None:
+    """Claiming sagas at `c|`; from its first join request on (or once durable), at `e|`."""
+    message_id = saga["event"]["message_id"]
+    if saga["step"] == 0 and not saga.get("durable"):
+        state.put(claiming_record(message_id), saga)
+        return
+    if not saga.get("durable"):
+        state.delete(claiming_record(message_id))
+        saga["durable"] = True
+    state.put(saga_record(message_id), saga)
+
+
+def drop_saga(state: State, saga: Record) -> None:
+    message_id = saga["event"]["message_id"]
+    state.delete(saga_record(message_id) if saga.get("durable") else claiming_record(message_id))
 
 
 DONE = "r"  # the memo kind of an event's resolution (agents/memo.py): r@<hour of received_at>|<messageId>

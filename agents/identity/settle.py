@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.identity.records import LEFT_OUT, Command, Outputs, log_entry, profile_record, saga_record
+from agents.identity.records import LEFT_OUT, Command, Outputs, load_saga, log_entry, profile_record
 from agents.state import Overlay, State
 
 RULE_CHARS = 200  # a `failed: <error>` rule is kept on sagas and merge-log entries: bounded
@@ -63,7 +63,7 @@ class Settling:
     def _abort(self, message_id: str, command: Command, rule: str, state: State, out: Outputs) -> None:
         """Finish a saga whose own step failed with what it has: the profile it stands on so far, the rest demoted.
         Only for the answer the saga waits for now (a late duplicate, or a stray, leaves it alone)."""
-        saga = state.get(saga_record(message_id))
+        saga = load_saga(state, message_id)
         if saga is None:
             return
         if command.get("kind") == "claimed":

@@ -81,6 +81,7 @@ class InputFeed:
         self._owned: set[int] = set()
         self._applied: dict[tuple[str, int], int] = {}  # next offset, once the stage made the records durable
         self._committed: dict[tuple[str, int], int] = {}
+        self._holds: dict[tuple[str, int], int] = {}  # offsets the stage still needs read again after a restart
 
     async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
@@ -117,6 +118,7 @@ class InputFeed:
         for p in partitions:
             self._epochs[p] += 1
             self._owned.discard(p)
+        self._holds = {tp: offset for tp, offset in self._holds.items() if tp[1] not in partitions}
 
     def current(self, polled: Polled) -> bool:
         """Whether the batch is still of the partition's present assignment (else: drop it, it will be read again)."""
@@ -168,6 +170,20 @@ class InputFeed:
         for topic, position in polled.positions.items():
             key = (topic, polled.partition)
             self._applied[key] = max(position, self._applied.get(key, position))
+        for topic in self.topics:
+            key = (topic, polled.partition)
+            held = self._holds.get(key)
+            if held is not None and self._applied.get(key, held) > held:
+                self._applied[key] = held
+
+    def hold(self, topic: str, partition: int, offset: int | None) -> None:
+        """The stage keeps state rebuilt from topic[partition]'s records from `offset` on in memory only: commit
+        no further, so a new owner (or this worker, after an eager rebalance) reads them again. None: no hold.
+        A hold only ever moves forward: what it guards is at or past what was committed before."""
+        if offset is None:
+            self._holds.pop((topic, partition), None)
+        else:
+            self._holds[(topic, partition)] = offset
 
     def to_commit(self) -> dict[tuple[str, int], int]:
         """Offsets of owned partitions that moved since the last commit."""

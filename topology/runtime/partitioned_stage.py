@@ -140,6 +140,7 @@ class Decision:
     out: Output
     letters: list[Record]
     applied: int  # input records applied (the rest were applied before a crash)
+    rebuilt: int = 0  # of those applied before, how many rebuilt volatile records (`PartitionedStage.reapply`)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class StageIO:
     state_codec: AvroCodec  # a record {"record": json}
     dead_letters: DeadLetters
     memos: tuple[str, ...] = ()  # kinds of per-event memo keys, deleted past the memo horizon (agents/memo.py)
+    volatile: tuple[str, ...] = ()  # key prefixes kept in memory only; the stage rebuilds them (`reapply`)
 
 
 class PartitionedStage:
@@ -173,6 +175,7 @@ class PartitionedStage:
         self._producer = producer
         self.memo_horizon_ms = memo_horizon_ms
         self.memos_expired = 0
+        self.transactions = 0  # Kafka transactions committed: each costs the broker a marker per partition it touched
         self.dead_lettered = 0
         self.caught_up = 0
         self.health = PartitionHealth(io.name)
@@ -207,7 +210,8 @@ class PartitionedStage:
         for name, count in vars(self.counters).items():
             work.add(count, what=name)
         memos = Metric("cdp_memos_expired_total", "counter", "per-event memo keys deleted past the memo horizon")
-        return [work, memos.add(self.memos_expired, stage=self.name)]
+        transactions = Metric("cdp_transactions_total", "counter", "Kafka transactions committed (one per batch and partition)")
+        return [work, memos.add(self.memos_expired, stage=self.name), transactions.add(self.transactions, stage=self.name)]
 
     @property
     def counters(self) -> Any:
@@ -234,6 +238,15 @@ class PartitionedStage:
 
     def prepare(self, partition: int, tx: Transaction) -> None:
         """Called at the start of every batch and timer run, before any input (e.g. to notice new definitions)."""
+
+    def reapply(self, mark: str, message: InputRecord, tx: Transaction, out: Output) -> bool:
+        """An input read again that was applied before (its partition restarted below the watermark): rebuild what
+        it left in volatile records, if anything; whether it did. Nothing by default; must not raise for a bad
+        record (it was dead-lettered when first applied)."""
+        return False
+
+    def committed(self, partition: int, store: StateStore) -> None:
+        """Called after each batch of the partition was made durable (e.g. to hold back an input's commits)."""
 
     # -- partitions --------------------------------------------------------------------------------------------
 
@@ -364,12 +377,13 @@ class PartitionedStage:
         store = await self._ready_store(partition)
         with spent_by(self.io.name):
             decision = self.decide(partition, store, polled.records)
-        if not decision.applied:
+        if not decision.applied and not decision.rebuilt:
             return
         if decision.letters:  # at-least-once, before the changelog: a crash may write one twice, never lose one
             await self._producer().write_all(decision.letters)
             self.dead_lettered += len(decision.letters)
         await self._finish(partition, store, decision.tx, decision.out)
+        self.committed(partition, store)
 
     def decide(self, partition: int, store: StateStore, records: Sequence[InputRecord]) -> Decision:
         """What a batch of a partition's input records decides, before anything is written: the state changes, the
@@ -377,16 +391,17 @@ class PartitionedStage:
         tx, out = Transaction(store), Output()
         self.prepare(partition, tx)
         letters: list[Record] = []
-        applied = 0
+        applied = rebuilt = 0
         for message in records:
             mark = self.io.inputs[message.topic]
             watermark = tx.get(f"w|{mark}")
             if watermark is not None and message.offset < watermark["next"]:
-                continue  # applied before a crash: its effects are in the store already
+                rebuilt += self.reapply(mark, message, tx, out)  # applied before: its durable effects are in the store
+                continue
             letters.extend(self._apply_one(mark, message, partition, tx, out))
             tx.put(f"w|{mark}", {"next": message.offset + 1})
             applied += 1
-        return Decision(tx, out, letters, applied)
+        return Decision(tx, out, letters, applied, rebuilt)
 
     def _apply_one(self, mark: str, message: InputRecord, partition: int, tx: Transaction, out: Output) -> list[Record]:
         """One input record, all or nothing; the dead letters it leaves (itself, or the parts that failed)."""
@@ -421,7 +436,8 @@ class PartitionedStage:
         """Changes (and atomic outputs) to Kafka in one transaction, then (committed) to the local store."""
         encode = self.io.state_codec.encode_json_record  # the record's JSON as it is: no parse, no re-encoding
         with spent_by(self.io.name):
-            records = [(key.encode(), None if value is None else encode(value)) for key, value in changes.items()]
+            records = [(key.encode(), None if value is None else encode(value)) for key, value in changes.items()
+                       if not store.is_volatile(key)]  # fmt: skip
         writer = await self._writer(partition)
 
         def write() -> list[int]:
@@ -429,6 +445,7 @@ class PartitionedStage:
                 return writer.write(records, atomic)
 
         offsets = await asyncio.to_thread(write)
+        self.transactions += 1
         with spent_by(self.io.name):
             store.apply(changes, max(offsets) + 1 if offsets else store.changelog_next or 0)
 
@@ -456,7 +473,7 @@ class PartitionedStage:
     def _open_store(self, partition: int) -> StateStore:
         store = self._stores.get(partition)
         if store is None:
-            store = self._stores[partition] = StateStore(self.store_dir / f"{self.io.state_topic}-{partition}")
+            store = self._stores[partition] = StateStore(self.store_dir / f"{self.io.state_topic}-{partition}", self.io.volatile)
             self._stale.add(partition)
         return store
 

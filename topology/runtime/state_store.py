@@ -6,6 +6,10 @@ first and applied locally only once Kafka acknowledged them, together with the c
 (`changelog_next`). A worker that gets a partition, or restarts after a SIGKILL, reads the changelog from that
 offset to its end, so the local store can never be ahead of what another worker would rebuild.
 
+Keys under a *volatile* prefix (identity's claiming sagas, `c|`) live in memory only: never in RocksDB, never
+in the changelog. The stage that declares them rebuilds them after a restart from its inputs (it holds the
+input's committed offset back to what they need: topology/stages/identity.py).
+
 Values are JSON (orjson) records of the stage's pure logic (agents/identity/protocol.py, agents/compute/engine.py);
 `Transaction` gives that logic its state for one batch (an agents.state.Overlay over the store): reads fall
 through to the store, writes collect as encoded changes.
@@ -33,13 +37,23 @@ _APPLIED_AT = b"\x00applied_at"
 class StateStore:
     """The records of one partition; changed only through `apply`, in one atomic batch."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, volatile: tuple[str, ...] = ()) -> None:
+        self.path, self.volatile = path, volatile
         self._db = open_db(path)
+        self._memory: dict[str, bytes] = {}  # the volatile records
 
     def get(self, key: str) -> dict[str, Any] | None:
+        if self.volatile and key.startswith(self.volatile):
+            kept = self._memory.get(key)
+            return None if kept is None else orjson.loads(kept)
         value = self._db.get(key.encode())
         return None if value is None else orjson.loads(value)
+
+    def is_volatile(self, key: str) -> bool:
+        return bool(self.volatile) and key.startswith(self.volatile)
+
+    def in_memory(self, key: str) -> bool:
+        return key in self._memory
 
     def raw(self, key: str) -> bytes | None:
         value = self._db.get(key.encode())
@@ -71,7 +85,12 @@ class StateStore:
     def apply(self, changes: Mapping[str, bytes | None], changelog_next: int) -> None:
         batch = WriteBatch(raw_mode=True)
         for key, value in changes.items():
-            if value is None:
+            if self.volatile and key.startswith(self.volatile):
+                if value is None:
+                    self._memory.pop(key, None)
+                else:
+                    self._memory[key] = value
+            elif value is None:
                 batch.delete(key.encode())
             else:
                 batch.put(key.encode(), value)
@@ -82,6 +101,7 @@ class StateStore:
     def reset(self) -> None:
         """Forget everything (the changelog was recreated, so this copy belongs to topics that are gone)."""
         self._db = recreate_db(self._db, self.path)
+        self._memory.clear()
 
     def close(self) -> None:
         self._db.close()

@@ -11,26 +11,29 @@ still take a repeated command idempotently (an outbox of an earlier version, sen
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agents import checks
+from agents import checks, memo
 from agents.errors import UndecodableError
 from agents.events import RawEvent
 from agents.identity.protocol import IdentityProtocol, Outputs, Resolved, event_command
-from agents.identity.records import DONE
+from agents.identity.records import CLAIMING, DONE, claiming_record, load_saga
+from agents.state import Overlay
 from topology.codecs import AvroCodec
 from topology.runtime.dead_letters import DeadLetters
 from topology.runtime.partitioned_stage import (
     Failure, Output, PartitionedStage, StageIO, command_bytes, command_records, commands_of,
 )  # fmt: skip
-from topology.runtime.partitioning import partition_for
+from topology.runtime.partitioning import key_partition, partition_for
 from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.spec import StageSpec, Wiring
 from topology.topics import EVENTS_DEAD_LETTER, EVENTS_RAW, EVENTS_RESOLVED, IDENTITY_COMMANDS, IDENTITY_MERGES, IDENTITY_STATE
-from topology.runtime.state_store import Transaction
+from topology.runtime.input_feed import InputRecord
+from topology.runtime.state_store import StateStore, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ class IdentityCounters:
     failed: int = 0  # commands that failed and were settled (and dead-lettered)
     unsettled: int = 0  # ... whose settling failed too (logged as errors)
     caught_up: int = 0
+    rebuilt: int = 0  # claiming sagas started again from their event after a restart
 
 
 class IdentityStage(PartitionedStage):
@@ -89,12 +93,13 @@ class IdentityStage(PartitionedStage):
         io = StageIO(
             name="identity", inputs={topics.raw: "raw", topics.commands: "commands"}, state_topic=topics.state,
             state_codec=codecs.state, dead_letters=DeadLetters("identity", topics.dead_letter, codecs.dead_letter),
-            memos=(DONE,),
+            memos=(DONE,), volatile=(CLAIMING,),
         )  # fmt: skip
         super().__init__(io=io, partitions=partitions, store_dir=store_dir, bootstrap=bootstrap, producer=producer,
                          memo_horizon_ms=memo_horizon_ms)  # fmt: skip
         self.topics, self.codecs, self.protocol = topics, codecs, protocol
         self._counters = IdentityCounters()
+        self._claiming: dict[int, dict[str, int]] = defaultdict(dict)  # partition -> c| key -> its event's raw offset
 
     @property
     def counters(self) -> IdentityCounters:
@@ -108,7 +113,9 @@ class IdentityStage(PartitionedStage):
         outputs = Outputs()
         if mark == "raw":
             self._counters.events += 1
-            self.protocol.handle(event_command(self.decode_event(message.value)), tx, outputs)
+            event = self.decode_event(message.value)
+            self.protocol.handle(event_command(event), tx, outputs)
+            self._note_claiming(message, event, tx)
         else:
             for command in self.decode_commands(message.value):
                 self._counters.commands += 1
@@ -120,9 +127,55 @@ class IdentityStage(PartitionedStage):
                       command.get("kind") if isinstance(command, dict) else command, error, command)  # fmt: skip
         self._counters.failed += len(outputs.failed)
         self._counters.unsettled += len(outputs.unsettled)
+        self._emit(outputs, out)
+
+    def _emit(self, outputs: Outputs, out: Output) -> None:
         out.outbox.extend(["c", key, command] for key, command in outputs.commands)
         out.outbox.extend(["r", r.profile_id, r.identifiers, r.event] for r in outputs.resolved)
         out.outbox.extend(["l", entry] for entry in outputs.log)
+
+    # -- claiming sagas: in memory only, rebuilt from cdp.events.raw -------------------------------------------
+
+    def _note_claiming(self, message: InputRecord, event: RawEvent, tx: Transaction) -> None:
+        """Remember where the event of a claiming saga this record started is, to read it again if the saga is lost."""
+        key = claiming_record(event["message_id"])
+        if tx.changes.get(key) is not None:
+            self._claiming[message.partition][key] = message.offset
+
+    def reapply(self, mark: str, message: InputRecord, tx: Transaction, out: Output) -> bool:
+        """An event read again below the raw watermark (the partition restarted from its oldest claiming saga):
+        start its saga again if it was lost claiming, else nothing (finished, or durable at e|)."""
+        if mark != "raw" or message.key is None or key_partition(message.key, self.partitions) != message.partition:
+            return False
+        try:
+            event = self.decode_event(message.value)
+        except Exception:  # dead-lettered when it was first read
+            return False
+        message_id = event["message_id"]
+        if load_saga(tx, message_id) is not None or memo.seen(tx, DONE, event, message_id)[1] is not None:
+            return False
+        attempt, outputs = Overlay(tx), Outputs()
+        try:
+            self.protocol.handle(event_command(event), attempt, outputs)
+        except Exception:  # dead-lettered when it was first read
+            return False
+        attempt.commit()
+        self._note_claiming(message, event, tx)
+        self._emit(outputs, out)
+        self._counters.rebuilt += 1
+        return True
+
+    def committed(self, partition: int, store: StateStore) -> None:
+        """Commit cdp.events.raw no further than the oldest claiming saga's event, which a restart must read again."""
+        if self.feed is not None:
+            self.feed.hold(self.topics.raw, partition, self.held(partition, store))
+
+    def held(self, partition: int, store: StateStore) -> int | None:
+        """The raw offset of the oldest claiming saga's event in `store` (None: no saga is claiming)."""
+        claiming = self._claiming[partition]
+        for key in [key for key in claiming if not store.in_memory(key)]:
+            del claiming[key]  # finished, durable at e| now, or lost with a store that was closed
+        return min(claiming.values()) if claiming else None
 
     def decode_event(self, value: bytes | None) -> RawEvent:
         """The stage's decode step for cdp.events.raw: a RawEvent as the ingest writes it, or a BadEventError."""

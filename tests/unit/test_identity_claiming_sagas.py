@@ -1,0 +1,75 @@
+"""Claiming sagas live in memory only (agents/identity/records.py, `claiming_record`): a restart loses them, and
+the identity stage starts them again from their events, read again from the oldest one's offset (`held`).
+
+The stage runs on one partition without Kafka (tests/stage_harness.py): a batch of events is decided (their
+claims are out), then the worker "crashes" — its store is reopened, so the in-memory sagas are gone, while the
+durable records and the claims already sent stay — and cdp.events.raw is read again from the held offset. Against
+a union-find oracle: every event resolved exactly once, the same profiles as without the crash. The same on real
+Kafka, with SIGKILL: tests/integration/test_identity_stage.py and tests/integration/test_pipeline_crash.py.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from tests import stage_harness
+from tests.poison import encode
+from tests.unit.test_identity_protocol import union_find
+from tests.unit.test_poison_inputs import POOL, UNLIMITED, _grouping, identified
+from topology.runtime.state_store import StateStore
+
+RAW = "t.events.raw"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    good=st.lists(st.lists(st.sampled_from(POOL), min_size=1, max_size=3, unique=True), min_size=2, max_size=25),
+    first=st.integers(1, 25),
+    answers_first=st.booleans(),
+)
+def test_sagas_lost_in_a_crash_are_started_again_and_resolve_each_event_once(
+    good: list[list[tuple[str, str]]], first: int, answers_first: bool
+) -> None:
+    with tempfile.TemporaryDirectory() as root:
+        run = stage_harness.identity(Path(root), UNLIMITED)
+        for index, ids in enumerate(good):
+            run.write(RAW, f"g{index}".encode(), encode("raw_event", identified(f"g{index}", ids)))
+        raw = list(run.pending)
+        run.pending.clear()
+        batch = raw[:first]
+        decision = run.stage.decide(0, run.store, batch)  # the first events: their claims go out, sagas claiming
+        run.store.apply(decision.tx.changes, 1)
+        items = [item for item, _ in decision.out.sealed]
+        in_flight = [r for r in run.stage.outbox_records(items) if r.topic in run.stage.io.inputs]
+        held = run.stage.held(0, run.store)
+        claiming = [m.offset for m in batch if run.store.in_memory(f"c|g{m.offset}")]
+        assert held == (min(claiming) if claiming else None)
+
+        run.store.close()  # the crash: what was in memory is gone
+        run.store = StateStore(Path(root) / "identity-0", run.stage.io.volatile)
+        again = [m for m in raw if held is not None and m.offset >= held or m.offset >= first]
+        answers = in_flight
+        if answers_first:  # answers to the lost sagas arrive before or after their events are read again
+            for record in answers:
+                run.write(record.topic, record.key, record.value)
+            run.pending.extend(again)
+        else:
+            run.pending.extend(again)
+            for record in answers:
+                run.write(record.topic, record.key, record.value)
+        run.run()
+
+        resolved: dict[str, list[str]] = {}
+        for record in run.read(run.stage.topics.resolved, "resolved_event"):
+            resolved.setdefault(record["event"]["message_id"], []).append(record["profile_id"])
+        for index in range(len(good)):
+            assert len(resolved.get(f"g{index}", ())) == 1, f"g{index} resolved {resolved.get(f'g{index}')}"
+        assert _grouping(run, {i for ids in good for i in ids}) == union_find(good)
+        assert not any(run.store.in_memory(f"c|g{i}") for i in range(len(good)))
+        assert run.stage.counters.rebuilt == len(claiming)
+        event("sagas lost" if claiming else "none lost")
+        run.close()
