@@ -19,14 +19,12 @@ Memos written before keys carried an hour (`<kind>|<rest>`) are still found (`se
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any
+
+from agents.state import Readable
 
 HOUR_MS = 3_600_000
 RETENTION_SEGMENT_MS = 7 * 24 * HOUR_MS  # Kafka's default segment.ms: how long past retention a record may stay
-
-
-class Readable(Protocol):
-    def get(self, key: str) -> dict[str, Any] | None: ...
 
 
 def default_horizon_ms(retention_ms: int) -> int:

@@ -18,10 +18,14 @@ from agents.errors import InvalidRecord
 Record = dict[str, Any]
 
 
-class State(Protocol):
-    """One partition's records; the caller makes a batch of changes durable at once."""
+class Readable(Protocol):
+    """Records to read: a stage's store (the web views read it), or a `State`."""
 
     def get(self, key: str) -> Record | None: ...
+
+
+class State(Readable, Protocol):
+    """One partition's records to change; the caller makes a batch of changes durable at once."""
 
     def put(self, key: str, value: Record) -> None: ...
 
@@ -32,7 +36,9 @@ class Overlay:
     """Writes kept aside over `base` until `commit()`; reads see them. Records are stored as JSON, so a caller can't
     change a record it read without putting it back (as with a store's decoded copies)."""
 
-    def __init__(self, base: State) -> None:
+    def __init__(self, base: Readable) -> None:
+        """`base` needs `put` and `delete` (or `put_raw`) only for `commit`; a stage's Transaction never commits
+        into its store (the stage applies `changes` once they are durable)."""
         self.base = base
         self.changes: dict[str, bytes | None] = {}
 
@@ -54,14 +60,15 @@ class Overlay:
 
     def commit(self) -> None:
         """Hand the writes to `base` (as JSON when it takes JSON, so nothing is encoded twice)."""
-        put_raw = getattr(self.base, "put_raw", None)
+        base: Any = self.base
+        put_raw = getattr(base, "put_raw", None)
         for key, value in self.changes.items():
             if value is None:
-                self.base.delete(key)
+                base.delete(key)
             elif put_raw is not None:
                 put_raw(key, value)
             else:
-                self.base.put(key, orjson.loads(value))
+                base.put(key, orjson.loads(value))
         self.changes.clear()
 
 

@@ -48,6 +48,7 @@ import orjson
 
 from agents import memo
 from agents.compute import traits as trait_state
+from agents.compute.backfill import Backfills, DefinitionsBehind
 from agents.compute.catalog import evaluate
 from agents.compute.commands import check_command, check_merge
 from agents.compute.generations import Live
@@ -85,25 +86,43 @@ class Cause:
     message_id: str | None = None
 
 
+PROFILES = "p|"  # the prefix of profile records: a backfill settles them in key order
+
+
+def profile_key(profile_id: str) -> str:
+    return f"{PROFILES}{profile_id}"
+
+
+def forward_key(profile_id: str) -> str:
+    return f"f|{profile_id}"
+
+
+def folded_key(survivor: str, merged: str) -> str:
+    return f"k|{survivor}|{merged}"
+
+
+SIZES = "n|"  # the prefix of audience sizes (GET /v1/audiences reads them all)
+
+
+def size_key(audience: str) -> str:
+    return f"{SIZES}{audience}"
+
+
+DUE = "x|"  # the prefix of the due index: the window clock reads it in time order
+
+
 def due_key(at: int, profile_id: str) -> str:
     """Sorted by time as text: 15 digits (a due time beyond the year 33658, from a window that long, is put there)."""
-    return f"x|{min(max(at, 0), 10**15 - 1):015d}|{profile_id}"
+    return f"{DUE}{min(max(at, 0), 10**15 - 1):015d}|{profile_id}"
 
 
 def member_key(audience: str, profile_id: str) -> str:
     return f"a|{audience}|{profile_id}"
 
 
-class DefinitionsBehind(Waiting):
-    """This worker's definitions are older than the ones a command or a partition was handled with: wait."""
-
-
 def pending(state: State) -> frozenset[str]:
     """State ids whose backfill is still reading history in this partition."""
-    backfills = state.get("b|")
-    if not backfills:
-        return frozenset()
-    return frozenset(sid for run in backfills["runs"] if run["phase"] == "events" for sid in run["sids"])
+    return Backfills.load(state).reading()
 
 
 class ComputeEngine:
@@ -200,7 +219,7 @@ class ComputeEngine:
     def expire(self, profile_id: str, at: int, state: State, out: Changes, now: int) -> None:
         """The due index says a window of this profile slid at `at`: re-compute its windowed traits."""
         state.delete(due_key(at, profile_id))
-        record = state.get(f"p|{profile_id}")
+        record = state.get(profile_key(profile_id))
         if record is None or record.get("x") != at:
             return  # folded away or re-indexed meanwhile
         live = self._live()
@@ -209,7 +228,7 @@ class ComputeEngine:
 
     def backfill_event(self, profile_id: str, event: Mapping[str, Any], sids: Collection[str], state: State, out: Changes, now: int) -> None:
         """A past event counted for the state ids a backfill computes, and for nothing else (the rest counted it)."""
-        forward = state.get(f"f|{profile_id}")
+        forward = state.get(forward_key(profile_id))
         if forward is not None:
             out.commands.append((forward["to"], {"kind": "backfill_event", "profile": forward["to"], "event": dict(event),
                                                  "sids": list(sids), "feed": self._live().position}))  # fmt: skip
@@ -218,7 +237,7 @@ class ComputeEngine:
 
     def settle(self, profile_id: str, state: State, out: Changes, now: int, cause: Cause) -> None:
         """Re-compute every trait and audience of a profile (a backfill is done: its values may be emitted)."""
-        record = state.get(f"p|{profile_id}")
+        record = state.get(profile_key(profile_id))
         if record is not None:
             self._settle(profile_id, record, list(self._live().catalog.all_traits), state, out, now, cause)
 
@@ -227,13 +246,13 @@ class ComputeEngine:
     def _event_at(self, profile_id: str, event: Mapping[str, Any], state: State, out: Changes, now: int,
                   *, only: frozenset[str] | None = None, identify: bool = True) -> None:  # fmt: skip
         live = self._live()
-        forward = state.get(f"f|{profile_id}")
+        forward = state.get(forward_key(profile_id))
         if forward is not None:
             sids = sorted(only if only is not None else live.sids.values())
             out.commands.append((forward["to"], {"kind": "event", "profile": forward["to"], "event": dict(event),
                                                  "sids": sids, "feed": live.position}))  # fmt: skip
             return
-        stored = state.get(f"p|{profile_id}")
+        stored = state.get(profile_key(profile_id))
         record = stored or _new_record()
         at = min(max(int(event["timestamp"]), 0), now)  # a client clock ahead of ours counts now, not in a future bucket
         counted = {**event, "timestamp": at} if at != event["timestamp"] else event
@@ -276,34 +295,34 @@ class ComputeEngine:
 
     def _fold_out(self, command: Command, state: State, out: Changes) -> None:
         merged, survivor = command["profile"], command["into"]
-        if state.get(f"f|{merged}") is not None:
+        if state.get(forward_key(merged)) is not None:
             return  # handed over before (a repeated merge-log entry)
-        record = state.get(f"p|{merged}")
-        state.put(f"f|{merged}", {"to": survivor})
+        record = state.get(profile_key(merged))
+        state.put(forward_key(merged), {"to": survivor})
         if record is not None:
             cause = Cause(f"merged into {survivor}", int(command["at"]))
             for audience in sorted(record["m"]):
                 self._leave(merged, audience, record, state, out, cause)
             if record.get("x") is not None:
                 state.delete(due_key(record["x"], merged))
-            state.delete(f"p|{merged}")
+            state.delete(profile_key(merged))
         out.commands.append((survivor, {"kind": "fold_in", "profile": survivor, "from": merged, "record": record, "at": command["at"],
                                         "feed": self._live().position}))  # fmt: skip
 
     def _fold_in(self, command: Command, state: State, out: Changes, now: int) -> None:
         survivor, merged = command["profile"], command["from"]
-        forward = state.get(f"f|{survivor}")
+        forward = state.get(forward_key(survivor))
         if forward is not None:  # the survivor was merged on meanwhile: its own survivor takes it
             out.commands.append((forward["to"], {**command, "profile": forward["to"]}))
             return
-        folded = f"k|{survivor}|{merged}"
+        folded = folded_key(survivor, merged)
         if state.get(folded) is not None:
             return
         state.put(folded, {})
         other = command.get("record")
         if other is None:
             return
-        record = state.get(f"p|{survivor}") or _new_record()
+        record = state.get(profile_key(survivor)) or _new_record()
         live, touched = self._live(), []
         for sid, part in other["t"].items():
             if sid in live.by_sid:
@@ -357,7 +376,7 @@ class ComputeEngine:
         if changed or always or identified:
             self._evaluate(profile_id, record, live, waiting, state, out, cause, None if always else (changed, identified))
         self._index_due(profile_id, record, live, state)
-        state.put(f"p|{profile_id}", record)
+        state.put(profile_key(profile_id), record)
 
     def _evaluate(self, profile_id: str, record: Record, live: Live, waiting: frozenset[str], state: State, out: Changes,
                   cause: Cause, changed: tuple[set[str], bool] | None) -> None:  # fmt: skip
@@ -385,15 +404,15 @@ class ComputeEngine:
     def _enter(self, profile_id: str, audience: str, record: Record, state: State, out: Changes, cause: Cause) -> None:
         record["m"][audience] = True
         state.put(member_key(audience, profile_id), {})
-        size = state.get(f"n|{audience}") or {"n": 0}
-        state.put(f"n|{audience}", {"n": size["n"] + 1})
+        size = state.get(size_key(audience)) or {"n": 0}
+        state.put(size_key(audience), {"n": size["n"] + 1})
         out.memberships.append(_membership(profile_id, audience, "entered", record, cause))
 
     def _leave(self, profile_id: str, audience: str, record: Record, state: State, out: Changes | None, cause: Cause) -> None:
         del record["m"][audience]
         state.delete(member_key(audience, profile_id))
-        size = state.get(f"n|{audience}") or {"n": 1}
-        state.put(f"n|{audience}", {"n": max(size["n"] - 1, 0)})
+        size = state.get(size_key(audience)) or {"n": 1}
+        state.put(size_key(audience), {"n": max(size["n"] - 1, 0)})
         if out is not None:
             out.memberships.append(_membership(profile_id, audience, "exited", record, cause))
 

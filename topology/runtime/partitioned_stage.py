@@ -64,16 +64,25 @@ MEMOS_PER_RUN = 20_000  # memo tombstones per partition and transaction (≈ 1 M
 MEMO_SWEEP_S = 10.0  # how often a stage drops memos past the horizon (agents/memo.py)
 
 
-def command_records(keyed: Sequence[tuple[str, dict[str, Any]]], topic: str, codec: AvroCodec, partitions: int) -> list[Record]:
-    """Commands for other partitions as one record per partition, not per command: Faust's cost is per record,
-    and a `batch` of commands for one partition is applied in order, as separate records would be."""
-    by_partition: dict[int, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
-    for key, command in keyed:
-        by_partition[partition_for(key, partitions)].append((key, command))
+@dataclass(frozen=True, slots=True)
+class ToPartition:
+    """An outbox item: a command for the partition of the stage that owns `key` (identity: a profile, an
+    identifier or an event; compute: a profile), sent on the stage's commands topic."""
+
+    key: str
+    command: dict[str, Any]
+
+
+def command_records(commands: Sequence[ToPartition], topic: str, codec: AvroCodec, partitions: int) -> list[Record]:
+    """Commands for other partitions as one record per partition, not per command: the cost of reading is per
+    record, and a `batch` of commands for one partition is applied in order, as separate records would be."""
+    by_partition: dict[int, list[ToPartition]] = defaultdict(list)
+    for item in commands:
+        by_partition[partition_for(item.key, partitions)].append(item)
     records = []
-    for owner, commands in by_partition.items():
-        body = commands[0][1] if len(commands) == 1 else {"kind": BATCH, "commands": [c for _, c in commands]}
-        records.append(Record(topic, commands[0][0].encode(), codec.encode({"kind": body["kind"], "body": body}), owner))
+    for owner, items in by_partition.items():
+        body = items[0].command if len(items) == 1 else {"kind": BATCH, "commands": [i.command for i in items]}
+        records.append(Record(topic, items[0].key.encode(), codec.encode({"kind": body["kind"], "body": body}), owner))
     return records
 
 
@@ -108,9 +117,9 @@ class Failure:
 @dataclass
 class Output:
     """What one batch sends, inside the changelog's transaction (exactly once for read_committed readers):
-    `outbox` items for the stage's own partitions (plain data, turned into records by the stage at the end of the
-    batch, so a partition's commands of the whole batch share one record), `atomic` records; and `failed` parts
-    of inputs to dead-letter."""
+    `outbox` items (frozen dataclasses: `ToPartition` and what the stage adds) turned into records by the stage at
+    the end of the batch, so a partition's commands of the whole batch share one record; `atomic` records; and
+    `failed` parts of inputs to dead-letter."""
 
     outbox: list[Any] = field(default_factory=list)
     atomic: list[Record] = field(default_factory=list)
@@ -229,6 +238,10 @@ class PartitionedStage:
     def outbox_records(self, items: Sequence[Any]) -> list[Record]:
         """The Kafka records of a chunk of outbox items."""
         raise NotImplementedError
+
+    def stored_item(self, item: Any) -> Any:
+        """An outbox item as an earlier version kept it in the changelog (JSON: a positional list) as the item."""
+        return item
 
     def sent(self, items: Sequence[Any]) -> None:
         """Called once an outbox chunk was committed (for counters)."""
@@ -490,7 +503,7 @@ class PartitionedStage:
             keys = sorted(store.keys(OUTBOX), key=lambda k: int(k[len(OUTBOX):]))
             if keys:  # left by an earlier version, which sent outputs after the transaction
                 log.info("%s: partition %d sends an outbox of %d records left by an earlier version", self.io.name, partition, len(keys))
-                chunks = [chunk["items"] for chunk in map(store.get, keys) if chunk]
+                chunks = [[self.stored_item(item) for item in chunk["items"]] for chunk in map(store.get, keys) if chunk]
                 await self._send_outbox(partition, store, keys, chunks)
             self._stale.discard(partition)
             self.on_ready(partition, store)

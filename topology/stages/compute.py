@@ -16,6 +16,7 @@ its start up to `until` in chunks, each applied like a batch (under the partitio
 with its progress), counting for the new state ids only the copy of each messageId that live processing counted
 (its offset is kept with the messageId), so nothing is counted twice or missed, and a crash resumes from the
 last chunk. Then it settles every profile of the partition: values and memberships are emitted once complete.
+The runs' bookkeeping (the `b|` record: generations met, phases, progress) is agents/compute/backfill.py.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from confluent_kafka import TopicPartition
 
 from agents import memo
 from agents.compute.commands import check_resolved
-from agents.compute.engine import SEEN_MEMOS, Cause, Changes, ComputeEngine, DefinitionsBehind
+from agents.compute.backfill import Backfills, DefinitionsBehind
+from agents.compute.engine import DUE, PROFILES, SEEN_MEMOS, Cause, Changes, ComputeEngine
 from agents.compute.generations import Live
 from agents.errors import UndecodableError
 from agents.events import ResolvedEvent
@@ -49,7 +51,7 @@ from topology.topics import (
 )  # fmt: skip
 from topology.runtime.partition_reader import catch_up_consumer, read_range
 from topology.runtime.partitioned_stage import (
-    Failure, Output, PartitionedStage, StageIO, command_bytes, command_records, commands_of,
+    Failure, Output, PartitionedStage, StageIO, ToPartition, command_bytes, command_records, commands_of,
 )  # fmt: skip
 from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.runtime.stalls import RETRIED
@@ -60,7 +62,6 @@ TICK_S = 5.0  # how often windows are checked: exits happen within TICK_S + one 
 DUE_PER_TICK = 5_000  # profiles re-evaluated per partition per tick (the rest wait for the next one)
 BACKFILL_CHUNK = 2_000  # past events per backfill transaction
 SETTLE_CHUNK = 500  # profiles settled per transaction once a backfill has read its history
-DONE_KEPT = 50  # finished runs kept per partition for GET /v1/backfills and `cdp backfill`
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ class ComputeStage(PartitionedStage):
         return codec.decode(value)
 
     def _emit(self, changes: Changes, out: Output) -> None:
-        out.outbox.extend([key, command] for key, command in changes.commands)
+        out.outbox.extend(ToPartition(key, command) for key, command in changes.commands)
         for change in changes.traits:
             out.atomic.append(Record(self.topics.changes, change["profile_id"].encode(), self.codecs.changes.encode(change)))
         for change in changes.memberships:
@@ -196,8 +197,12 @@ class ComputeStage(PartitionedStage):
         self._counters.trait_changes += len(changes.traits)
         self._counters.membership_changes += len(changes.memberships)
 
-    def outbox_records(self, items: Sequence[Any]) -> list[Record]:
-        return command_records([(key, command) for key, command in items], self.topics.commands, self.codecs.command, self.partitions)
+    def outbox_records(self, items: Sequence[ToPartition]) -> list[Record]:
+        return command_records(items, self.topics.commands, self.codecs.command, self.partitions)
+
+    def stored_item(self, item: Any) -> ToPartition:
+        key, command = item  # [key, command], as the outbox kept it
+        return ToPartition(key, command)
 
     async def run(self, feed: InputFeed) -> None:
         """Not before the definitions feed has read the whole topic: a definition missing for a moment would look
@@ -214,14 +219,14 @@ class ComputeStage(PartitionedStage):
             try:
                 await self.run_in(partition, self._expire_due)
                 store = self.readable_store(partition)
-                if store is not None and (store.get("b|") or {}).get("runs"):
+                if store is not None and Backfills.load(store).runs:
                     self._start_backfill(partition)  # a run recorded while the last task was finishing
             except Exception:
                 log.exception("compute: partition %d: the window clock failed; trying again next tick", partition)
 
     def _expire_due(self, tx: Transaction, out: Output) -> None:
         now, changes, done = self.now(), Changes(), 0
-        for key in tx.store.keys("x|"):
+        for key in tx.store.keys(DUE):
             _, at, profile_id = key.split("|", 2)
             if not at.isdigit():  # not a time this stage writes (event times are taken within [0, now])
                 tx.delete(key)
@@ -259,33 +264,20 @@ class ComputeStage(PartitionedStage):
         met (see the module's docstring). One snapshot per batch: a definition arriving mid-batch would otherwise
         count some of the batch's events live *and* again in its backfill (they are below its `until`)."""
         live = self._snapshot = self.live()
-        record = tx.get("b|") or {"gens": [], "sids": [], "runs": []}
-        if record.get("feed", 0) > live.position:  # handled with newer definitions before (this partition moved)
-            raise DefinitionsBehind(f"partition {partition} was handled with definitions up to {record['feed']}; "
-                                    f"this worker's feed is at {live.position}")  # fmt: skip
-        new = [gen for gen in live.generations if gen not in record["gens"]]
-        superseded = [run for run in record["runs"] if run["gen"] not in live.generations]
-        if not new and not superseded:
-            if record.get("feed", 0) < live.position:
-                tx.put("b|", {**record, "feed": live.position})
+        backfills = Backfills.load(tx)
+        until = (tx.get("w|resolved") or {"next": 0})["next"]  # the live position: a new run reads up to here
+        try:
+            started = backfills.meet(live.generations, live.sids.values(), live.position, until, self.now())
+        except DefinitionsBehind as behind:
+            raise DefinitionsBehind(f"partition {partition}: {behind}") from None
+        if started is None:
             return
-        record["feed"] = live.position
-        record["runs"] = [run for run in record["runs"] if run["gen"] in live.generations]  # nothing left to count for
-        known = set(live.sids.values())
-        record["sids"] = [sid for sid in record["sids"] if sid in known]  # a dropped definition is new if it returns
-        until = (tx.get("w|resolved") or {"next": 0})["next"]
-        for gen in new:
-            sids = [sid for sid in live.generations[gen] if sid not in record["sids"]]
-            record["sids"].extend(sids)
-            record["gens"].append(gen)
-            record["runs"].append({"gen": gen, "sids": sids, "until": until, "next": None, "phase": "events" if sids and until else "settle",
-                                   "after": "", "read": 0, "counted": 0, "settled": 0, "started": self.now()})  # fmt: skip
-        record["gens"] = [gen for gen in record["gens"] if gen in live.generations]
-        tx.put("b|", record)
-        self._start_backfill(partition)
+        backfills.save(tx)
+        if started:
+            self._start_backfill(partition)
 
     def on_ready(self, partition: int, store: StateStore) -> None:
-        if (store.get("b|") or {}).get("runs"):
+        if Backfills.load(store).runs:
             self._start_backfill(partition)
 
     def _start_backfill(self, partition: int) -> None:
@@ -297,7 +289,7 @@ class ComputeStage(PartitionedStage):
     def backfills(self, partition: int) -> list[dict[str, Any]] | None:
         """The runs under way in a partition this worker has ready; None when it has not."""
         store = self.readable_store(partition)
-        return None if store is None else list((store.get("b|") or {}).get("runs", []))
+        return None if store is None else Backfills.load(store).runs
 
     async def _backfill(self, partition: int) -> None:
         """Work through the partition's runs, one chunk per transaction, until none is left or the partition goes."""
@@ -308,7 +300,7 @@ class ComputeStage(PartitionedStage):
         try:
             while self.owns(partition):
                 store = self.readable_store(partition)
-                runs = None if store is None else (store.get("b|") or {}).get("runs")
+                runs = None if store is None else Backfills.load(store).runs
                 if store is None:
                     await asyncio.sleep(0.5)
                     continue
@@ -340,11 +332,10 @@ class ComputeStage(PartitionedStage):
 
     def _backfill_chunk(self, tx: Transaction, out: Output, gen: str, expected_next: int | None, start: int,
                         records: list[tuple[int, bytes]], reached: int) -> None:  # fmt: skip
-        record = tx.get("b|")
-        run = next((r for r in (record or {}).get("runs", []) if r["gen"] == gen), None)
-        if record is None or run is None or run["next"] != expected_next:
+        backfills = Backfills.load(tx)
+        run = backfills.run(gen)
+        if run is None or run["next"] != expected_next:
             return  # done or moved on meanwhile (another owner): this chunk is stale
-        run.setdefault("from", start)
         changes, now, counted = Changes(), self.now(), 0
         for offset, value in records:
             try:
@@ -362,33 +353,26 @@ class ComputeStage(PartitionedStage):
             if step is not None:
                 changes.commands.extend(step.commands)  # values and memberships are emitted when the run settles
                 counted += 1
-        run["next"], run["read"], run["counted"] = reached, run["read"] + len(records), run["counted"] + counted
-        if reached >= run["until"]:
-            run["phase"] = "settle"
-        tx.put("b|", record)
+        backfills.events_read(run, start, reached, len(records), counted)
+        backfills.save(tx)
         self._counters.backfill_read += len(records)
         self._counters.backfill_counted += counted
         self._emit(changes, out)
 
     def _settle_chunk(self, tx: Transaction, out: Output, gen: str) -> None:
-        record = tx.get("b|")
-        run = next((r for r in (record or {}).get("runs", []) if r["gen"] == gen), None)
-        if record is None or run is None or run["phase"] != "settle":
+        backfills = Backfills.load(tx)
+        run = backfills.run(gen)
+        if run is None or run["phase"] != "settle":
             return
         changes, now = Changes(), self.now()
-        keys = list(islice(tx.store.keys("p|", run["after"]), SETTLE_CHUNK))
-        for key in keys:
-            changes.extend(self._guarded(tx, None, f"settling {key[2:]} after backfill {gen}", lambda state, step, profile=key[2:]:
+        profiles = [key[len(PROFILES):] for key in islice(tx.store.keys(PROFILES, run["after"]), SETTLE_CHUNK)]
+        for profile in profiles:
+            changes.extend(self._guarded(tx, None, f"settling {profile} after backfill {gen}", lambda state, step, profile=profile:
                                          self.engine.settle(profile, state, step, now, Cause(f"definition {gen}", now))) or Changes())  # fmt: skip
-        run["settled"] += len(keys)
-        if len(keys) < SETTLE_CHUNK:
-            record["runs"] = [r for r in record["runs"] if r["gen"] != gen]
-            record["done"] = [*record.get("done", [])[-(DONE_KEPT - 1):], {**run, "finished": now}]
+        if backfills.settled(run, profiles, SETTLE_CHUNK, now):
             log.info("compute: backfill of %s done: %d past events read, %d counted, %d profiles settled",
                      gen, run["read"], run["counted"], run["settled"])  # fmt: skip
-        else:
-            run["after"] = keys[-1][2:]
-        tx.put("b|", record)
+        backfills.save(tx)
         self._emit(changes, out)
 
 

@@ -19,14 +19,14 @@ from typing import Any
 
 from agents import checks, memo
 from agents.errors import UndecodableError
-from agents.events import RawEvent
+from agents.events import MergeLogEntry, RawEvent
 from agents.identity.protocol import IdentityProtocol, Outputs, Resolved, event_command
 from agents.identity.records import CLAIMING, DONE, claiming_record, load_saga
 from agents.state import Overlay
 from topology.codecs import AvroCodec
 from topology.runtime.dead_letters import DeadLetters
 from topology.runtime.partitioned_stage import (
-    Failure, Output, PartitionedStage, StageIO, command_bytes, command_records, commands_of,
+    Failure, Output, PartitionedStage, StageIO, ToPartition, command_bytes, command_records, commands_of,
 )  # fmt: skip
 from topology.runtime.partitioning import key_partition, partition_for
 from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
@@ -56,6 +56,16 @@ class IdentityCodecs:
     resolved: AvroCodec
     merges: AvroCodec
     dead_letter: AvroCodec
+
+
+@dataclass(frozen=True, slots=True)
+class Logged:
+    """An outbox item: a merge-log entry for cdp.identity.merges."""
+
+    entry: MergeLogEntry
+
+
+Outgoing = ToPartition | Resolved | Logged  # what the stage's outbox holds
 
 
 @dataclass
@@ -130,9 +140,9 @@ class IdentityStage(PartitionedStage):
         self._emit(outputs, out)
 
     def _emit(self, outputs: Outputs, out: Output) -> None:
-        out.outbox.extend(["c", key, command] for key, command in outputs.commands)
-        out.outbox.extend(["r", r.profile_id, r.identifiers, r.event] for r in outputs.resolved)
-        out.outbox.extend(["l", entry] for entry in outputs.log)
+        out.outbox.extend(ToPartition(key, command) for key, command in outputs.commands)
+        out.outbox.extend(outputs.resolved)
+        out.outbox.extend(Logged(entry) for entry in outputs.log)
 
     # -- claiming sagas: in memory only, rebuilt from cdp.events.raw -------------------------------------------
 
@@ -191,23 +201,33 @@ class IdentityStage(PartitionedStage):
             raise UndecodableError("empty record (no value)")
         return commands_of(self.codecs.command.decode(value)["body"])
 
-    def outbox_records(self, items: Sequence[Any]) -> list[Record]:
+    def outbox_records(self, items: Sequence[Outgoing]) -> list[Record]:
         records: list[Record] = []
+        commands: list[ToPartition] = []
         for item in items:
-            if item[0] == "r":
-                value = self.codecs.resolved.encode({"profile_id": item[1], "identifiers": item[2], "event": item[3]})
-                records.append(Record(self.topics.resolved, item[1].encode(), value))
-            elif item[0] == "l":
-                records.append(Record(self.topics.merges, item[1]["survivor_profile_id"].encode(), self.codecs.merges.encode(item[1])))
-        commands = [(item[1], item[2]) for item in items if item[0] == "c"]
+            if isinstance(item, ToPartition):
+                commands.append(item)
+            elif isinstance(item, Resolved):
+                value = self.codecs.resolved.encode({"profile_id": item.profile_id, "identifiers": item.identifiers, "event": item.event})
+                records.append(Record(self.topics.resolved, item.profile_id.encode(), value))
+            else:
+                records.append(Record(self.topics.merges, item.entry["survivor_profile_id"].encode(), self.codecs.merges.encode(item.entry)))
         return records + command_records(commands, self.topics.commands, self.codecs.command, self.partitions)
 
-    def sent(self, items: Sequence[Any]) -> None:
+    def stored_item(self, item: Any) -> Outgoing:
+        """["c", key, command], ["r", profile, identifiers, event] or ["l", entry], as the outbox kept them."""
+        if item[0] == "c":
+            return ToPartition(item[1], item[2])
+        if item[0] == "r":
+            return Resolved(item[1], item[2], item[3])
+        return Logged(item[1])
+
+    def sent(self, items: Sequence[Outgoing]) -> None:
         for item in items:
-            if item[0] == "r":
+            if isinstance(item, Resolved):
                 self._counters.resolved += 1
-            elif item[0] == "l":
-                setattr(self._counters, item[1]["kind"], getattr(self._counters, item[1]["kind"]) + 1)
+            elif isinstance(item, Logged):
+                setattr(self._counters, item.entry["kind"], getattr(self._counters, item.entry["kind"]) + 1)
 
 
 SPEC = StageSpec(

@@ -14,7 +14,8 @@ from typing import Any
 from urllib.parse import quote
 
 from agents.compute import traits as trait_state
-from agents.compute.engine import member_key
+from agents.compute.backfill import Backfills
+from agents.compute.engine import SIZES, member_key, profile_key
 from agents.compute.generations import Live
 from topology.web.routing import Answer, Router
 from topology.runtime.state_store import StateStore
@@ -34,7 +35,7 @@ class ComputeViews:
         store, answer = await self.router.local_or_remote(profile_id, f"{INTERNAL}/profiles/{quote(profile_id, safe='')}", hops)
         if store is None:
             return answer
-        record = store.get(f"p|{profile_id}") or {"t": {}, "i": {}, "m": {}}
+        record = store.get(profile_key(profile_id)) or {"t": {}, "i": {}, "m": {}}
         now, live = self._clock_ms(), self._live()
         catalog = live.catalog
         computed = {key: trait_state.value(d, record["t"].get(live.sids[key]), now) for key, d in catalog.traits.items()}
@@ -66,7 +67,7 @@ class ComputeViews:
         store, answer = await self.router.at_partition(partition, f"{INTERNAL}/sizes/{partition}", hops)
         if store is None:
             return answer
-        return 200, {"sizes": {key[2:]: store.get(key)["n"] for key in store.keys("n|")}}  # type: ignore[index]
+        return 200, {"sizes": {key[len(SIZES):]: store.get(key)["n"] for key in store.keys(SIZES)}}  # type: ignore[index]
 
     async def backfills(self, hops: int) -> Answer:
         """Backfill runs under way and recently done, partition by partition, with their progress."""
@@ -83,8 +84,8 @@ class ComputeViews:
         store, answer = await self.router.at_partition(partition, f"{INTERNAL}/backfills/{partition}", hops)
         if store is None:
             return answer
-        record = store.get("b|") or {}
-        return 200, {"runs": record.get("runs", []), "done": record.get("done", [])}
+        backfills = Backfills.load(store)
+        return 200, {"runs": backfills.runs, "done": backfills.done}
 
     async def members(self, audience: str, cursor: str | None, limit: int, hops: int) -> Answer:
         """One page of an audience's members and the cursor of the next (None after the last)."""
