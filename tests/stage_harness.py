@@ -77,13 +77,13 @@ def _codec(schema: str) -> Any:
     return CODECS[schema]
 
 
-def identity(root: Path, rules: IdentityRules) -> OnePartition:
+def identity(root: Path, rules: IdentityRules, claims_in_memory: bool = False) -> OnePartition:
     topics = IdentityTopics(raw="t.events.raw", commands="t.identity.commands", state="t.identity.state",
                             resolved="t.events.resolved", merges="t.identity.merges", dead_letter=DEAD_LETTER)  # fmt: skip
     codecs = IdentityCodecs(raw=_codec("raw_event"), command=_codec("identity_command"), state=_codec("identity_state"),
                             resolved=_codec("resolved_event"), merges=_codec("merge_log_entry"), dead_letter=_codec("dead_letter"))  # fmt: skip
     stage = IdentityStage(topics=topics, codecs=codecs, protocol=IdentityProtocol(rules), partitions=1, store_dir=root,
-                          bootstrap="unused:0", producer=_no_kafka)  # fmt: skip
+                          bootstrap="unused:0", producer=_no_kafka, claims_in_memory=claims_in_memory)  # fmt: skip
     return OnePartition(stage, StateStore(root / "identity-0", stage.io.volatile))
 
 

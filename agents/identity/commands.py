@@ -58,7 +58,7 @@ _JOIN = {**_SAGA, "request": text, "a": text, "b": text, "at": whole, "link": _p
 FIELDS: Mapping[str, Mapping[str, checks.Check]] = {
     "event": {"event": _event},
     "claim": {**_SAGA, "index": _index, "type": text, "value": text, "candidate": text},
-    "claimed": {**_SAGA, "index": _index, "failed": optional(text)},
+    "claimed": {**_SAGA, "index": _index, "failed": optional(text), "type": optional(text), "value": optional(text)},
     "create": {**_SAGA, "profile": text, "at": whole, "ids": _identifiers},
     "join": _JOIN,
     "offer": {**_JOIN, "young": text, "old": text, "summary": _summary},

@@ -86,13 +86,25 @@ def claiming_record(message_id: str) -> str:
 
 
 def load_saga(state: State, message_id: str) -> Record | None:
-    """The event's saga under way, wherever it is kept (`c|` while claiming, `e|` after)."""
-    saga = state.get(claiming_record(message_id))
-    if saga is None:
-        saga = state.get(saga_record(message_id))
-        if saga is not None:
-            saga["durable"] = True  # kept at e| from now on (an earlier version's claiming sagas too)
-    return saga
+    """The event's saga under way, wherever it is kept (`c|` while claiming, `e|` after). The durable one first:
+    should a claiming copy linger in memory beside it, the durable one is the later."""
+    saga = state.get(saga_record(message_id))
+    if saga is not None:
+        saga["durable"] = True  # kept at e| from now on (an earlier version's claiming sagas too)
+        return saga
+    return state.get(claiming_record(message_id))
+
+
+def answers_its_claim(saga: Record, command: Command) -> bool:
+    """Whether a `claimed` answer is about the identifier the saga has at that index: a saga started again after a
+    restart under changed identity rules may list other identifiers than the one whose claims were answered. An
+    answer without `type` and `value` (written before answers carried them) is taken as before."""
+    index = command.get("index")
+    if not isinstance(index, int) or not 0 <= index < len(saga["ids"]):
+        return False
+    if "type" not in command and "value" not in command:
+        return True
+    return saga["ids"][index] == [command.get("type"), command.get("value")]
 
 
 def store_saga(state: State, saga: Record) -> None:

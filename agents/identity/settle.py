@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.identity.records import LEFT_OUT, Command, Outputs, load_saga, log_entry, profile_record
+from agents.identity.records import LEFT_OUT, Command, Outputs, answers_its_claim, load_saga, log_entry, profile_record
 from agents.state import Overlay, State
 
 RULE_CHARS = 200  # a `failed: <error>` rule is kept on sagas and merge-log entries: bounded
@@ -39,7 +39,10 @@ class Settling:
             return
         kind, message_id = command.get("kind"), _text(command, "message_id")
         if kind == "claim" and message_id and _index(command):
-            out.send(message_id, {"kind": "claimed", "message_id": message_id, "index": command["index"], "failed": rule})
+            answer = {"kind": "claimed", "message_id": message_id, "index": command["index"], "failed": rule}
+            if _text(command, "type") and isinstance(command.get("value"), str):
+                answer.update(type=command["type"], value=command["value"])
+            out.send(message_id, answer)
         elif kind in ("claimed", "joined") and message_id:
             self._abort(message_id, command, rule, state, out)
         elif kind == "create" and _text(command, "profile"):
@@ -69,6 +72,8 @@ class Settling:
         if command.get("kind") == "claimed":
             index = command.get("index")
             if saga["step"] != 0 or not _index(command) or index >= len(saga["holders"]) or saga["holders"][index] is not None:
+                return
+            if not answers_its_claim(saga, command):
                 return
         elif saga["step"] == 0 or command.get("request") != f"{message_id}#{saga['step']}":
             return

@@ -67,9 +67,11 @@ class Cluster:
         self.raw[partition_of(message_id, self.partitions)].append(event_command(event))
         return message_id
 
-    def run(self) -> None:
-        """Deliver until nothing is left, in a random order across partitions (FIFO within each log)."""
-        while True:
+    def run(self, steps: int | None = None) -> None:
+        """Deliver until nothing is left (or `steps` deliveries), in a random order across partitions (FIFO within
+        each log)."""
+        while steps is None or steps > 0:
+            steps = None if steps is None else steps - 1
             ready = [(p, log) for p in range(self.partitions) for log in (self.raw[p], self.work[p]) if log]
             if not ready:
                 return
@@ -368,3 +370,4 @@ def test_losing_claiming_sagas_is_exercised() -> None:
     cluster.run()
     cluster.assert_quiet()
     assert cluster.forgotten > 5
+

@@ -96,7 +96,7 @@ def test_identity_takes_the_good_events_whatever_poison_comes_between(good: list
         assert _grouping(run, {i for ids in good for i in ids}) == union_find(good)
         for key in run.store.keys("e|"):
             assert not key.startswith("e|g"), f"a good event's saga never finished: {key}"
-        unfinished = [i for i in range(len(good)) if run.store.in_memory(f"c|g{i}")]
+        unfinished = [i for i in range(len(good)) if run.store.get(f"c|g{i}") is not None]
         assert not unfinished, f"good events whose claims never came back: {unfinished}"
         run.close()
 

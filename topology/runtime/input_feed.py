@@ -118,7 +118,16 @@ class InputFeed:
         for p in partitions:
             self._epochs[p] += 1
             self._owned.discard(p)
-        self._holds = {tp: offset for tp, offset in self._holds.items() if tp[1] not in partitions}
+
+    async def read_again(self, partition: int) -> None:
+        """Read an owned partition's inputs again from where a new owner would start (the group's committed offset
+        or this worker's applied one, never past a hold); batches polled before are stale."""
+        if partition in self._owned:
+            await self._call(self._reassign, partition)
+
+    def _reassign(self, partition: int) -> None:
+        self._revoke([partition])
+        self._assign([partition])
 
     def current(self, polled: Polled) -> bool:
         """Whether the batch is still of the partition's present assignment (else: drop it, it will be read again)."""
@@ -179,7 +188,9 @@ class InputFeed:
     def hold(self, topic: str, partition: int, offset: int | None) -> None:
         """The stage keeps state rebuilt from topic[partition]'s records from `offset` on in memory only: commit
         no further, so a new owner (or this worker, after an eager rebalance) reads them again. None: no hold.
-        A hold only ever moves forward: what it guards is at or past what was committed before."""
+        A hold only ever moves forward: what it guards is at or past what was committed before. It outlives a
+        revocation (a store kept open over an eager rebalance still holds those records) until the stage sets it
+        again."""
         if offset is None:
             self._holds.pop((topic, partition), None)
         else:

@@ -497,9 +497,17 @@ class PartitionedStage:
             # read_committed end of the catch-up and commit after it, and those changes would never be read here.
             await self._writer(partition)
             try:
-                self.caught_up += await asyncio.to_thread(self._catch_up, partition, store)
+                found = await asyncio.to_thread(self._catch_up, partition, store)
             except KafkaException as exc:
                 raise DeliveryFailed(f"can't read {self.io.state_topic}[{partition}] to catch up: {exc}") from exc
+            self.caught_up += found
+            if found and store.forget_volatile() and self.feed is not None:
+                # The changelog moved under records kept in memory: a transaction reported failed had committed
+                # (or another owner wrote). They are rebuilt from the inputs, read again from where the stage holds
+                # them (`reapply`); the batch being retried is stale from here on.
+                log.info("%s: partition %d: the changelog moved on under its in-memory records; reading its inputs again",
+                         self.io.name, partition)  # fmt: skip
+                await self.feed.read_again(partition)
             keys = sorted(store.keys(OUTBOX), key=lambda k: int(k[len(OUTBOX):]))
             if keys:  # left by an earlier version, which sent outputs after the transaction
                 log.info("%s: partition %d sends an outbox of %d records left by an earlier version", self.io.name, partition, len(keys))

@@ -55,6 +55,12 @@ class StateStore:
     def in_memory(self, key: str) -> bool:
         return key in self._memory
 
+    def forget_volatile(self) -> bool:
+        """Drop the volatile records (they no longer match the changelog); whether there were any."""
+        had = bool(self._memory)
+        self._memory.clear()
+        return had
+
     def raw(self, key: str) -> bytes | None:
         value = self._db.get(key.encode())
         return None if value is None else bytes(value)

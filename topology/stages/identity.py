@@ -11,6 +11,7 @@ still take a repeated command idempotently (an outbox of an earlier version, sen
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from agents import checks, memo
 from agents.errors import UndecodableError
 from agents.events import MergeLogEntry, RawEvent
 from agents.identity.protocol import IdentityProtocol, Outputs, Resolved, event_command
-from agents.identity.records import CLAIMING, DONE, claiming_record, load_saga
+from agents.identity.records import CLAIMING, DONE, claiming_record, load_saga, store_saga
 from agents.state import Overlay
 from topology.codecs import AvroCodec
 from topology.runtime.dead_letters import DeadLetters
@@ -33,9 +34,17 @@ from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.spec import StageSpec, Wiring
 from topology.topics import EVENTS_DEAD_LETTER, EVENTS_RAW, EVENTS_RESOLVED, IDENTITY_COMMANDS, IDENTITY_MERGES, IDENTITY_STATE
 from topology.runtime.input_feed import InputRecord
+from topology.runtime.stage import Timer
 from topology.runtime.state_store import StateStore, Transaction
 
 log = logging.getLogger(__name__)
+CLAIMING_MAX_S = 60.0  # a claiming saga waiting longer is written durably (`persist_waiting`)
+# Claiming sagas in memory only (docs/identity.md, "Claiming sagas") cut identity.state from 4.8 to 3.0 records and
+# 2.0 to 0.9 KB per event, but are off: a saga lost in a restart is started again under the identity rules of the
+# restarted worker, and if those changed (a blocked value, a limit, a priority, a custom path) an identifier the
+# lost saga claimed fresh may point at a profile nobody creates, which later events of it wait on for ever. On
+# again once the rules a lost saga was started under are kept with the partition's state.
+CLAIMS_IN_MEMORY = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class IdentityCounters:
     unsettled: int = 0  # ... whose settling failed too (logged as errors)
     caught_up: int = 0
     rebuilt: int = 0  # claiming sagas started again from their event after a restart
+    persisted: int = 0  # claiming sagas written to e| after waiting CLAIMING_MAX_S for their claims
 
 
 class IdentityStage(PartitionedStage):
@@ -99,17 +109,19 @@ class IdentityStage(PartitionedStage):
         bootstrap: str,
         producer: Callable[[], AsyncProducer],
         memo_horizon_ms: int | None = None,
+        claims_in_memory: bool = False,
     ) -> None:
+        """`claims_in_memory`: keep claiming sagas in memory only (off by default; see CLAIMS_IN_MEMORY)."""
         io = StageIO(
             name="identity", inputs={topics.raw: "raw", topics.commands: "commands"}, state_topic=topics.state,
             state_codec=codecs.state, dead_letters=DeadLetters("identity", topics.dead_letter, codecs.dead_letter),
-            memos=(DONE,), volatile=(CLAIMING,),
+            memos=(DONE,), volatile=(CLAIMING,) if claims_in_memory else (),
         )  # fmt: skip
         super().__init__(io=io, partitions=partitions, store_dir=store_dir, bootstrap=bootstrap, producer=producer,
                          memo_horizon_ms=memo_horizon_ms)  # fmt: skip
         self.topics, self.codecs, self.protocol = topics, codecs, protocol
         self._counters = IdentityCounters()
-        self._claiming: dict[int, dict[str, int]] = defaultdict(dict)  # partition -> c| key -> its event's raw offset
+        self._claiming: dict[int, dict[str, tuple[int, float]]] = defaultdict(dict)  # partition -> c| key -> (its event's raw offset, noted at)
 
     @property
     def counters(self) -> IdentityCounters:
@@ -149,8 +161,8 @@ class IdentityStage(PartitionedStage):
     def _note_claiming(self, message: InputRecord, event: RawEvent, tx: Transaction) -> None:
         """Remember where the event of a claiming saga this record started is, to read it again if the saga is lost."""
         key = claiming_record(event["message_id"])
-        if tx.changes.get(key) is not None:
-            self._claiming[message.partition][key] = message.offset
+        if self.io.volatile and tx.changes.get(key) is not None:
+            self._claiming[message.partition][key] = (message.offset, time.monotonic())
 
     def reapply(self, mark: str, message: InputRecord, tx: Transaction, out: Output) -> bool:
         """An event read again below the raw watermark (the partition restarted from its oldest claiming saga):
@@ -185,7 +197,39 @@ class IdentityStage(PartitionedStage):
         claiming = self._claiming[partition]
         for key in [key for key in claiming if not store.in_memory(key)]:
             del claiming[key]  # finished, durable at e| now, or lost with a store that was closed
-        return min(claiming.values()) if claiming else None
+        return min(offset for offset, _ in claiming.values()) if claiming else None
+
+    def timers(self) -> list[Timer]:
+        async def persist() -> None:
+            await self.persist_waiting(CLAIMING_MAX_S)
+
+        return [*super().timers(), *([(CLAIMING_MAX_S / 4, persist)] if self.io.volatile else [])]
+
+    async def persist_waiting(self, older_than_s: float) -> None:
+        """Write claiming sagas waiting longer than `older_than_s` to `e|`, durable: one whose answer is lost (a
+        stalled partition, a dead-lettered answer) would otherwise hold cdp.events.raw's committed offset back
+        for ever — and the ingest's lag reading with it. Never raises (a timer calls it)."""
+        now = time.monotonic()
+        for partition in sorted(self.owned()):
+            waiting = [key for key, (_, at) in self._claiming[partition].items() if now - at > older_than_s]
+            if not waiting:
+                continue
+            try:
+                await self.run_in(partition, lambda tx, out, keys=waiting: self._persist(tx, keys))
+                store = self.readable_store(partition)
+                if store is not None:
+                    self.committed(partition, store)
+            except Exception:
+                log.exception("identity: partition %d: persisting waiting sagas failed; trying again later", partition)
+
+    def _persist(self, tx: Transaction, keys: Sequence[str]) -> None:
+        for key in keys:
+            saga = tx.get(key)
+            if saga is not None:
+                tx.delete(key)
+                saga["durable"] = True
+                store_saga(tx, saga)
+                self._counters.persisted += 1
 
     def decode_event(self, value: bytes | None) -> RawEvent:
         """The stage's decode step for cdp.events.raw: a RawEvent as the ingest writes it, or a BadEventError."""
@@ -258,6 +302,7 @@ def wire(w: Wiring) -> IdentityStage:
         partitions=IDENTITY_COMMANDS.partition_count(settings),
         store_dir=w.stage_dir("identity"),
         memo_horizon_ms=settings.topics.memo_horizon,
+        claims_in_memory=CLAIMS_IN_MEMORY,
         bootstrap=settings.kafka_bootstrap,
         producer=w.producer,
     )
