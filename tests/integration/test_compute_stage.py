@@ -367,7 +367,8 @@ def test_a_definition_posted_while_events_flow_is_live_and_its_backfill_matches_
             for identifiers, events in people:
                 body = profile(random.choice(ports), sorted(v for t, v in identifiers if t == "anonymous_id")[0])
                 revenue, fan = want(events)
-                if body is None or body["computed_traits"].get("usd_revenue") != revenue or ("usd_fans" in body["audiences"]) != fan:
+                if (body is None or "computed_traits" not in body  # its compute partition not readable now (moving)
+                        or body["computed_traits"].get("usd_revenue") != revenue or ("usd_fans" in body["audiences"]) != fan):  # fmt: skip
                     mismatch[:] = [identifiers, revenue, fan, body]
                     return False
             return True
