@@ -11,7 +11,7 @@ from agents.identity.records import Resolved
 from tests import stage_harness
 from tests.poison import raw_event
 from tests.unit.test_poison_inputs import TRAITS, UNLIMITED
-from topology.runtime.partitioned_stage import ToPartition
+from topology.runtime.stage_commands import ToPartition
 from topology.stages.identity import Logged
 
 ENTRY = {"kind": "merged", "survivor_profile_id": "p-1", "merged_profile_id": "p-2", "identifiers": [{"type": "user_id", "value": "u"}],

@@ -29,14 +29,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 
 from agents import memo
 from agents.errors import DeliveryFailed, InvalidRecord
@@ -46,8 +45,8 @@ from topology.runtime.dead_letters import DeadLetters
 from topology.runtime.input_feed import InputFeed, InputRecord, Polled, drive
 from topology.runtime.stage import Timer
 from topology.web.metrics import Metric
-from topology.runtime.partition_reader import catch_up_consumer, read_chunks
-from topology.runtime.partitioning import key_partition, partition_for
+from topology.runtime.changelog_catch_up import catch_up
+from topology.runtime.partitioning import key_partition
 from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.runtime.stage_cpu import spent_by
 from topology.runtime.stalls import RETRIED, PartitionHealth, until_done
@@ -55,53 +54,10 @@ from topology.runtime.state_store import StateStore, Transaction
 from topology.runtime.transactional import TransactionalWriter
 
 log = logging.getLogger(__name__)
-BATCH = "batch"  # a command record carrying several commands for one partition, in order
 OUTBOX = "o|"  # outbox records of an earlier version: o|0, o|1, ... (see the module docstring)
 OUTBOX_CHUNK_BYTES = 256_000  # outputs to the stage's partitions go out in records of at most about this much
-CATCH_UP_CHUNK = 20_000
-STALE_AFTER_MS = 20 * 3_600_000  # under the changelog's delete.retention.ms (Kafka's default: 24 h)
 MEMOS_PER_RUN = 20_000  # memo tombstones per partition and transaction (≈ 1 MB): a backlog of them goes in steps
 MEMO_SWEEP_S = 10.0  # how often a stage drops memos past the horizon (agents/memo.py)
-
-
-@dataclass(frozen=True, slots=True)
-class ToPartition:
-    """An outbox item: a command for the partition of the stage that owns `key` (identity: a profile, an
-    identifier or an event; compute: a profile), sent on the stage's commands topic."""
-
-    key: str
-    command: dict[str, Any]
-
-
-def command_records(commands: Sequence[ToPartition], topic: str, codec: AvroCodec, partitions: int) -> list[Record]:
-    """Commands for other partitions as one record per partition, not per command: the cost of reading is per
-    record, and a `batch` of commands for one partition is applied in order, as separate records would be."""
-    by_partition: dict[int, list[ToPartition]] = defaultdict(list)
-    for item in commands:
-        by_partition[partition_for(item.key, partitions)].append(item)
-    records = []
-    for owner, items in by_partition.items():
-        body = items[0].command if len(items) == 1 else {"kind": BATCH, "commands": [i.command for i in items]}
-        records.append(Record(topic, items[0].key.encode(), codec.encode({"kind": body["kind"], "body": body}), owner))
-    return records
-
-
-def commands_of(body: Any) -> list[Any]:
-    """The commands a decoded command record carries: itself, or those of a `batch` (each checked when applied)."""
-    if body.get("kind") != BATCH:
-        return [body]
-    if not isinstance(body.get("commands"), list):
-        raise InvalidRecord(f"a batch command needs a list of commands, not {body.get('commands')!r:.60}")
-    return body["commands"]
-
-
-def command_bytes(codec: AvroCodec, command: Any) -> bytes | None:
-    """One command as a record of its own (for the dead letter of one command of a batch); None if not even JSON."""
-    kind = command.get("kind") if isinstance(command, dict) else None
-    try:
-        return codec.encode({"kind": kind if isinstance(kind, str) else "", "body": command})
-    except Exception:  # the dead letter's reason still says what failed
-        return None
 
 
 @dataclass(frozen=True)
@@ -276,7 +232,7 @@ class PartitionedStage:
 
         The local copy is kept (Faust's rebalances are eager: every partition is revoked and most come straight
         back), and caught up from its changelog offset when it is assigned again — unless it is older than
-        compaction keeps tombstones (STALE_AFTER_MS), then it is rebuilt from scratch."""
+        compaction keeps tombstones (changelog_catch_up.STALE_AFTER_MS), then it is rebuilt from scratch."""
         self._assigned -= partitions
         self._stale |= partitions
         self.health.forget(partitions)
@@ -518,42 +474,7 @@ class PartitionedStage:
         return store
 
     def _catch_up(self, partition: int, store: StateStore) -> int:
-        """Bring the store to the end of its changelog partition; returns how many records it read."""
-        topic = self.io.state_topic
-        consumer = catch_up_consumer(self.bootstrap, f"{topic}.catch-up", read_committed=True)  # whole batches
-        try:
-            tp = TopicPartition(topic, partition)
-            low, high = consumer.get_watermark_offsets(tp, timeout=30)
-            start = store.changelog_next
-            if start is not None and store.applied_at is not None and time.time() * 1000 - store.applied_at > STALE_AFTER_MS:
-                log.info("%s: %s[%d]: the local store is older than compaction keeps tombstones; rebuilding",
-                         self.io.name, topic, partition)  # fmt: skip
-                store.reset()
-                start = None
-            if start is not None and start > high:
-                log.warning("%s: %s[%d] is shorter than the store remembers: topics were recreated; resetting",
-                            self.io.name, topic, partition)  # fmt: skip
-                store.reset()
-                start = None
-            found = 0
-            chunk: dict[str, bytes | None] = {}
-
-            def take(message: Any) -> None:
-                value = message.value()
-                chunk[message.key().decode()] = None if value is None else orjson.dumps(self.io.state_codec.decode(value)["record"])
-
-            def flush(position: int) -> None:
-                nonlocal found
-                store.apply(chunk, position)
-                found += len(chunk)
-                chunk.clear()
-
-            read_chunks(consumer, topic, partition, max(start or 0, low), high, CATCH_UP_CHUNK, take, flush)
-            if store.changelog_next is None:
-                store.apply({}, high)
-            return found
-        finally:
-            consumer.close()
+        return catch_up(store, self.bootstrap, self.io.state_topic, partition, self.io.state_codec, self.io.name)
 
     def close(self) -> None:
         for store in self._stores.values():

@@ -1,0 +1,58 @@
+"""Bringing a stage's local store to the end of its changelog partition (read_committed: whole batches only).
+
+The local copy is a cache of the changelog: caught up from the offset it remembers, rebuilt from scratch when it
+is older than compaction keeps tombstones (STALE_AFTER_MS) or the changelog is shorter than it remembers (the
+topics were recreated).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from confluent_kafka import TopicPartition
+
+from topology.codecs import AvroCodec
+from topology.runtime.partition_reader import catch_up_consumer, read_chunks
+from topology.runtime.state_store import StateStore
+
+log = logging.getLogger(__name__)
+CATCH_UP_CHUNK = 20_000
+STALE_AFTER_MS = 20 * 3_600_000  # under the changelog's delete.retention.ms (Kafka's default: 24 h)
+
+
+def catch_up(store: StateStore, bootstrap: str, topic: str, partition: int, codec: AvroCodec, stage: str) -> int:
+    """Bring `store` to the end of topic[partition]; returns how many records it read. Blocking."""
+    consumer = catch_up_consumer(bootstrap, f"{topic}.catch-up", read_committed=True)  # whole batches
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)
+        start = store.changelog_next
+        if start is not None and store.applied_at is not None and time.time() * 1000 - store.applied_at > STALE_AFTER_MS:
+            log.info("%s: %s[%d]: the local store is older than compaction keeps tombstones; rebuilding", stage, topic, partition)
+            store.reset()
+            start = None
+        if start is not None and start > high:
+            log.warning("%s: %s[%d] is shorter than the store remembers: topics were recreated; resetting", stage, topic, partition)
+            store.reset()
+            start = None
+        found = 0
+        chunk: dict[str, bytes | None] = {}
+
+        def take(message: Any) -> None:
+            value = message.value()
+            chunk[message.key().decode()] = None if value is None else orjson.dumps(codec.decode(value)["record"])
+
+        def flush(position: int) -> None:
+            nonlocal found
+            store.apply(chunk, position)
+            found += len(chunk)
+            chunk.clear()
+
+        read_chunks(consumer, topic, partition, max(start or 0, low), high, CATCH_UP_CHUNK, take, flush)
+        if store.changelog_next is None:
+            store.apply({}, high)
+        return found
+    finally:
+        consumer.close()
