@@ -55,6 +55,7 @@ def render_table(report: dict[str, Any]) -> str:
     if report.get("flood"):
         f = report["flood"]
         lines.append(f"\nflood {f['seconds']} s: accepted {f['accepted']:,}, applied {f['applied_after_drain']:,} (lost {f['lost']}), "
-                     f"max lag read {f['max_lag_read']:,.0f} (bound {f['max_lag_bound']:,}), seconds applying ≥ 80 % of accepted "
+                     f"max lag read {f['max_lag_read']:,.0f}, max backlog (accepted - applied) {f.get('max_backlog', 0):,} "
+                     f"(bound {f['max_lag_bound']:,}), seconds applying ≥ 80 % of accepted "
                      f"or answering 429: {f['seconds_applied_80pct_or_429']}/{f['seconds']}")  # fmt: skip
     return "\n".join(lines)

@@ -78,8 +78,9 @@ def steady(settings: Settings, codec: AvroCodec, calls: Sequence[dict[str, Any]]
 def flood(shared: Settings, seconds: float, events: int = 300_000) -> dict[str, Any]:
     """One worker and a real `cdp ingest` (default `ingest.max_lag`), flooded by bench/load.py flat out (8
     connections, each 429 retried after its Retry-After as SDKs do) for `seconds`; every second: events the
-    ingest accepted and compute applied, the lag the ingest reads, 429s. Then until compute applied every event
-    the ingest answered 200 for."""
+    ingest accepted and compute applied, the lag the ingest reads, 429s, and the backlog (accepted so far minus
+    applied so far: the lag itself, which the reading overstates by what the stages moved since their last offset
+    commit, pipeline_lag.py). Then until compute applied every event the ingest answered 200 for."""
     config = copy.deepcopy(example_definitions())
     with bench_pipeline(shared, config) as bench:
         with settled_workers(bench, 1) as (urls, _):
@@ -97,7 +98,7 @@ def flood(shared: Settings, seconds: float, events: int = 300_000) -> dict[str, 
                     front, back = ingest_figures(url), summed([scrape(u) for u in urls], "compute")["events"]
                     now = (front["accepted"], back, front["refused"])
                     samples.append({"s": len(samples) + 1, "accepted": int(now[0] - last[0]), "applied": int(now[1] - last[1]),
-                                    "refused_429": int(now[2] - last[2]), "lag": front["lag"]})  # fmt: skip
+                                    "refused_429": int(now[2] - last[2]), "lag": front["lag"], "backlog": int(now[0] - now[1])})  # fmt: skip
                     last = now
                 load.terminate()
                 load.wait(30)
@@ -112,6 +113,7 @@ def flood(shared: Settings, seconds: float, events: int = 300_000) -> dict[str, 
     kept_up = sum(1 for x in samples if x["applied"] >= 0.8 * x["accepted"] or x["refused_429"])
     return {"seconds": len(samples), "max_lag_bound": bench.settings.ingest.max_lag, "accepted": int(accepted),
             "applied_after_drain": int(applied), "lost": int(accepted - applied), "max_lag_read": max((x["lag"] for x in samples), default=0),
+            "max_backlog": max((x["backlog"] for x in samples), default=0),
             "seconds_applied_80pct_or_429": kept_up, "per_second": samples}  # fmt: skip
 
 
