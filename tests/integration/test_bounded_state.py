@@ -32,6 +32,17 @@ def last_value_by_key(records: list[Read], prefix: bytes) -> dict[tuple[int, byt
     return last
 
 
+def _is_pack(key: bytes) -> bool:
+    return key[10:11] == b"#"  # <kind>@<hour>#<id> (topology/runtime/memo_packs.py)
+
+
+def _expired_packs_gone(records: list[Read], kind: bytes, cutoff: bytes) -> bool:
+    """Every pack of an hour past the horizon has its tombstone (and there were some)."""
+    last = last_value_by_key(records, kind)
+    expired = [value for (_, key), value in last.items() if _is_pack(key) and key[2:10] < cutoff]
+    return bool(expired) and all(value is None for value in expired)
+
+
 def test_memos_older_than_the_horizon_leave_store_and_changelog_as_tombstones(kafka_bootstrap: str, tmp_path: Path) -> None:
     prefix = f"t{uuid.uuid4().hex[:10]}"
     pipeline = Pipeline(bootstrap=kafka_bootstrap, root=tmp_path, prefix=prefix, extra_config={
@@ -74,15 +85,22 @@ def test_memos_older_than_the_horizon_leave_store_and_changelog_as_tombstones(ka
         assert {stage: memos_expired(stage) for stage in expected} == expected
         assert expected["identity"] > expected["compute"], "some events' identifiers live on other partitions"
 
-        for stage, kind in (("compute", b"s@"), ("identity", b"r@")):
-            changelog = pipeline.read(f"{stage}.state", until=lambda rs, k=kind, n=expected[stage]: sum(1 for r in rs if r.key and r.key.startswith(k) and r.raw is None) >= n,
-                                      timeout=60, decode=False)  # fmt: skip
+        cutoff = f"{(first_hour // HOUR_MS) + expired_hours:08d}".encode()
+        for stage, kind in (("compute", b"s@"), ("identity", b"r@")):  # memos go to the changelog in packs
+            changelog = pipeline.read(f"{stage}.state", until=lambda rs, k=kind: _expired_packs_gone(rs, k, cutoff), timeout=60, decode=False)
             last = last_value_by_key(changelog, kind)
-            assert len(last) == memos[stage], stage  # every event left its memos once
-            gone = [key for (_, key), value in last.items() if value is None]
-            assert len(gone) == expected[stage], stage
-            cutoff = f"{(first_hour // HOUR_MS) + expired_hours:08d}".encode()
-            assert all(key[2:10] < cutoff for key in gone) and all(key[2:10] >= cutoff for (_, key), v in last.items() if v is not None)
+            assert not [key for key, value in last.items() if value is not None and not _is_pack(key[1])], "no memo on its own"
+            written: set[tuple[int, str]] = set()  # every memo any pack held, by partition
+            kept: set[tuple[int, str]] = set()  # ... and those in packs not deleted
+            for record in changelog:
+                if record.key and record.key.startswith(kind) and record.raw is not None:
+                    members = {(record.partition, key) for key in CODECS[f"{stage}_state"].decode(record.raw)["record"]["pack"]}
+                    written |= members
+                    if last[(record.partition, record.key)] is not None:
+                        kept |= members
+            assert len(written) == memos[stage], stage  # every event left its memos once
+            assert len(kept) == memos[stage] - expected[stage], stage  # those past the horizon are gone
+            assert all(key[2:10] >= cutoff.decode() for _, key in kept)
 
         changes = pipeline.read("profile.changes", until=lambda rs: len(rs) >= total, timeout=60)
         final: dict[str, Any] = defaultdict(int)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from confluent_kafka import TopicPartition
 
 from topology.codecs import AvroCodec
+from topology.runtime.memo_packs import mark_legacy, read_back
 from topology.runtime.partition_reader import catch_up_consumer, read_chunks
 from topology.runtime.state_store import StateStore
 
@@ -23,8 +25,10 @@ CATCH_UP_CHUNK = 20_000
 STALE_AFTER_MS = 20 * 3_600_000  # under the changelog's delete.retention.ms (Kafka's default: 24 h)
 
 
-def catch_up(store: StateStore, bootstrap: str, topic: str, partition: int, codec: AvroCodec, stage: str) -> int:
-    """Bring `store` to the end of topic[partition]; returns how many records it read. Blocking."""
+def catch_up(store: StateStore, bootstrap: str, topic: str, partition: int, codec: AvroCodec, stage: str,
+             memos: Sequence[str] = ()) -> int:  # fmt: skip
+    """Bring `store` to the end of topic[partition]; returns how many records it read. Blocking. `memos`: the
+    stage's memo kinds, whose packs are unpacked (topology/runtime/memo_packs.py)."""
     consumer = catch_up_consumer(bootstrap, f"{topic}.catch-up", read_committed=True)  # whole batches
     try:
         low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)
@@ -37,12 +41,17 @@ def catch_up(store: StateStore, bootstrap: str, topic: str, partition: int, code
             log.warning("%s: %s[%d] is shorter than the store remembers: topics were recreated; resetting", stage, topic, partition)
             store.reset()
             start = None
+        if memos:
+            mark_legacy(store, memos)
         found = 0
         chunk: dict[str, bytes | None] = {}
 
         def take(message: Any) -> None:
-            value = message.value()
-            chunk[message.key().decode()] = None if value is None else orjson.dumps(codec.decode(value)["record"])
+            value, key = message.value(), message.key().decode()
+            if memos:
+                read_back(key, None if value is None else codec.decode(value)["record"], memos, chunk, store)
+            else:
+                chunk[key] = None if value is None else orjson.dumps(codec.decode(value)["record"])
 
         def flush(position: int) -> None:
             nonlocal found

@@ -37,7 +37,6 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaException
 
-from agents import memo
 from agents.errors import DeliveryFailed, InvalidRecord
 from agents.state import Overlay, check_sizes
 from topology.codecs import AvroCodec
@@ -45,6 +44,7 @@ from topology.runtime.dead_letters import DeadLetters
 from topology.runtime.input_feed import InputFeed, InputRecord, Polled, drive
 from topology.runtime.stage import Timer
 from topology.web.metrics import Metric
+from topology.runtime import memo_packs
 from topology.runtime.changelog_catch_up import catch_up
 from topology.runtime.partitioning import key_partition
 from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
@@ -306,16 +306,11 @@ class PartitionedStage:
         return True
 
     def expire_memos_in(self, tx: Transaction, now_ms: int) -> int:
-        """Delete the partition's memos past the horizon, oldest first, at most MEMOS_PER_RUN; how many. They
-        leave the store and, as tombstones in this transaction, the changelog."""
+        """Delete the partition's memos past the horizon, oldest first, at most MEMOS_PER_RUN keys; how many memos.
+        They leave the store, and their packs the changelog as tombstones in this transaction."""
         if self.memo_horizon_ms is None:
             return 0
-        left = MEMOS_PER_RUN
-        for kind in self.io.memos:
-            for key in memo.expired(tx.store.keys, kind, now_ms, self.memo_horizon_ms, left):
-                tx.delete(key)
-                left -= 1
-        return MEMOS_PER_RUN - left
+        return memo_packs.expire(tx, self.io.memos, now_ms, self.memo_horizon_ms, MEMOS_PER_RUN)
 
     async def expire_memos(self, now_ms: int) -> None:
         """`expire_memos_in` on every partition this worker owns; never raises (a timer calls it)."""
@@ -395,17 +390,20 @@ class PartitionedStage:
         chunks = [[item for item, _ in chunk] for chunk in _outbox_chunks(out.sealed)]  # records of bounded size
         with spent_by(self.io.name):
             records = [record for chunk in chunks for record in self.outbox_records(chunk)]
-        await self._commit(partition, store, tx.changes, [*out.atomic, *records])
+        await self._commit(partition, store, tx.changes, [*out.atomic, *records], tx.unlogged)
         for chunk in chunks:
             self.sent(chunk)
 
     async def _commit(
-        self, partition: int, store: StateStore, changes: dict[str, bytes | None], atomic: Sequence[Record] = ()
+        self, partition: int, store: StateStore, changes: dict[str, bytes | None], atomic: Sequence[Record] = (),
+        unlogged: set[str] | None = None,
     ) -> None:
-        """Changes (and atomic outputs) to Kafka in one transaction, then (committed) to the local store."""
+        """Changes (and atomic outputs) to Kafka in one transaction, then (committed) to the local store. Memos go
+        to the changelog in packs (topology/runtime/memo_packs.py); `unlogged` changes stay local."""
         encode = self.io.state_codec.encode_json_record  # the record's JSON as it is: no parse, no re-encoding
         with spent_by(self.io.name):
-            records = [(key.encode(), None if value is None else encode(value)) for key, value in changes.items()
+            logged, markers = memo_packs.split(changes, self.io.memos, unlogged or set())
+            records = [(key.encode(), None if value is None else encode(value)) for key, value in logged.items()
                        if not store.is_volatile(key)]  # fmt: skip
         writer = await self._writer(partition)
 
@@ -416,7 +414,7 @@ class PartitionedStage:
         offsets = await asyncio.to_thread(write)
         self.transactions += 1
         with spent_by(self.io.name):
-            store.apply(changes, max(offsets) + 1 if offsets else store.changelog_next or 0)
+            store.apply({**changes, **markers} if markers else changes, max(offsets) + 1 if offsets else store.changelog_next or 0)
 
     async def _writer(self, partition: int) -> TransactionalWriter:
         """The partition's transactional writer; creating one fences every earlier writer of the partition (its
@@ -474,7 +472,7 @@ class PartitionedStage:
         return store
 
     def _catch_up(self, partition: int, store: StateStore) -> int:
-        return catch_up(store, self.bootstrap, self.io.state_topic, partition, self.io.state_codec, self.io.name)
+        return catch_up(store, self.bootstrap, self.io.state_topic, partition, self.io.state_codec, self.io.name, self.io.memos)
 
     def close(self) -> None:
         for store in self._stores.values():

@@ -104,6 +104,17 @@ class StateStore:
         batch.put(_APPLIED_AT, _OFFSET.pack(int(time.time() * 1000)))
         self._db.write(batch)
 
+    def mark(self, marks: Mapping[str, bytes | None]) -> None:
+        """Write local-only records (marks the stage keeps about its records, never in the changelog); the
+        changelog offset stays as it is."""
+        batch = WriteBatch(raw_mode=True)
+        for key, value in marks.items():
+            if value is None:
+                batch.delete(key.encode())
+            else:
+                batch.put(key.encode(), value)
+        self._db.write(batch)
+
     def reset(self) -> None:
         """Forget everything (the changelog was recreated, so this copy belongs to topics that are gone)."""
         self._db = recreate_db(self._db, self.path)
@@ -115,8 +126,10 @@ class StateStore:
 
 class Transaction(Overlay):
     """A stage's state for one batch: reads see the batch's own writes, writes become `changes` (JSON), made durable
-    by the stage at once. `store` is there for range reads (`keys`)."""
+    by the stage at once. `store` is there for range reads (`keys`); `unlogged`: changes for the local store only
+    (memos whose changelog record is their pack: topology/runtime/memo_packs.py)."""
 
     def __init__(self, store: StateStore) -> None:
         super().__init__(store)
         self.store = store
+        self.unlogged: set[str] = set()
