@@ -26,18 +26,11 @@ def _identifiers(record: Mapping[str, Any], field: str) -> None:
         raise InvalidRecord(f"{field} must be a list of [type, value, added_at], not {value!r:.60}")
 
 
-def pairs(record: Mapping[str, Any], field: str) -> None:
+def _pairs(record: Mapping[str, Any], field: str) -> None:
     """[[type, value], ...]: the identifiers a join links."""
     value = record.get(field)
     if not isinstance(value, list) or not all(isinstance(i, list) and len(i) == 2 and all(isinstance(x, str) for x in i) for i in value):
         raise InvalidRecord(f"{field} must be a list of [type, value], not {value!r:.60}")
-
-
-def demoted_ids(record: Mapping[str, Any], field: str) -> None:
-    """[[type, value, rule], ...]: identifiers an event could not link, and why."""
-    value = record.get(field)
-    if not isinstance(value, list) or not all(isinstance(i, list) and len(i) == 3 and all(isinstance(x, str) for x in i) for i in value):
-        raise InvalidRecord(f"{field} must be a list of [type, value, rule], not {value!r:.60}")
 
 
 def _index(record: Mapping[str, Any], field: str) -> None:
@@ -61,12 +54,11 @@ def _entries(record: Mapping[str, Any], field: str) -> None:
 
 
 _SAGA = {"message_id": text}
-_JOIN = {**_SAGA, "request": text, "a": text, "b": text, "at": whole, "link": pairs}
+_JOIN = {**_SAGA, "request": text, "a": text, "b": text, "at": whole, "link": _pairs}
 FIELDS: Mapping[str, Mapping[str, checks.Check]] = {
     "event": {"event": _event},
     "claim": {**_SAGA, "index": _index, "type": text, "value": text, "candidate": text},
     "claimed": {**_SAGA, "index": _index, "failed": optional(text), "type": optional(text), "value": optional(text)},
-    "resolve": {"event": _event, "type": text, "value": text, "all": pairs, "demoted": demoted_ids, "again": optional(boolean)},
     "create": {**_SAGA, "profile": text, "at": whole, "ids": _identifiers},
     "join": _JOIN,
     "offer": {**_JOIN, "young": text, "old": text, "summary": _summary},

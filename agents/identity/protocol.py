@@ -7,8 +7,7 @@ Every piece of identity state has exactly one owner partition and changes only t
     event saga   "c|<messageId>"-> the event's resolution, claims out        owner: partition of key "<messageId>"
                  "e|<messageId>"   ... once it asked for a join (durable from then on, see below)
     decision     "d|<request>"  -> how a join request was decided (memo)     owners: the survivor's and the younger's
-    resolution   "r@<hour>|<messageId>" -> the profile the event was resolved to, owner: partition of key "<messageId>"
-                 (or of its one identifier's key, which the messageId's owner then names: {"via": [type, value]});
+    resolution   "r@<hour>|<messageId>" -> the profile the event was resolved to, owner: partition of key "<messageId>";
                  filed under the hour of its received_at, deleted past the memo horizon (agents/memo.py)
 
 Owners talk through commands on one internal topic, keyed by the owner's key (`Outputs.commands`). An event:
@@ -20,11 +19,6 @@ Owners talk through commands on one internal topic, keyed by the owner's key (`O
      locked meanwhile: the younger sends its summary, the older checks the rules and absorbs it or refuses.
      A refused join demotes that identifier for this event (Segment's "drop the least trusted identifier");
   4. resolves to the survivor and is written out with its merge-log entries.
-An event with one identifier to link (most of them: anonymous browsing, a known user's tracks) has nothing to
-join, so it skips the saga: its owner sends it to the identifier's owner (`resolve`), which claims the identifier
-as above and resolves the event there — one hop through Kafka instead of two (claim, claimed), and no saga record
-written and deleted. The messageId's owner keeps where it sent it (`r@...` -> {"via": identifier}) so a replay
-goes to the same owner, which answers with its first resolution whatever the rules are by then.
 
 Why this is race-free: a profile changes only at its owner and only while unlocked; a locked or not yet created
 profile queues what it is asked and answers in order once free. Locks are only ever waited on from a younger
@@ -67,8 +61,8 @@ from agents.identity.commands import check_command
 from agents.identity.identifiers import extract
 from agents.identity.records import (
     DONE, LEFT_OUT, LOG_KEPT, Command, Outputs, Record, Resolved, answers_its_claim, claiming_record, drop_saga,
-    event_command, identifier_key, identifier_record, load_saga, log_entry, profile_id_for, profile_record, resolve_command,
-    saga_record, store_saga,
+    event_command, identifier_key, identifier_record, load_saga, log_entry, profile_id_for, profile_record, saga_record,
+    store_saga,
 )  # fmt: skip
 from agents.identity.rules import IdentityRules
 from agents.identity.settle import Settling
@@ -115,20 +109,12 @@ class IdentityProtocol(Settling):
         message_id, at = event["message_id"], int(event["timestamp"])
         if load_saga(state, message_id) is not None:
             return  # already under way (the same event re-read)
-        memo_key, done = memo.seen(state, DONE, event, message_id)
-        if done is not None and "via" in done:  # sent to its identifier's owner before (a replay): there again
-            out.send(identifier_key(*done["via"]), resolve_command(event, done["via"], [done["via"]], [], again=True))
-            return
+        _, done = memo.seen(state, DONE, event, message_id)
         if done is not None:  # resolved before (a replay): the same answer, so compute sees the same record again
             out.resolved.append(Resolved(done["p"], done["ids"], event))
             return
         extracted = [i for i in extract(event, self.rules) if not i.blocked]
         linkable, demoted = self._within_limits([(i.type, i.value) for i in extracted])
-        if len(linkable) == 1:  # nothing to join: resolved where its one identifier lives, no saga (see above)
-            via = list(linkable[0])
-            out.send(identifier_key(*via), resolve_command(event, via, [[i.type, i.value] for i in extracted], demoted))
-            state.put(memo_key, {"via": via})  # a replay goes the same way, whatever the rules are by then
-            return
         saga: Record = {
             "event": event,
             "at": at,
@@ -236,17 +222,13 @@ class IdentityProtocol(Settling):
         self._advance(saga, state, out)
 
     def _finish(self, saga: Record, state: State, out: Outputs) -> None:
-        self._resolve(saga["event"], saga["current"], saga["all"], saga["demoted"], state, out)
-        drop_saga(state, saga)
-
-    def _resolve(self, event: RawEvent, profile_id: str, all_ids: Sequence[Sequence[str]],
-                 demoted: Sequence[Sequence[str]], state: State, out: Outputs) -> None:  # fmt: skip
-        """Write the event out resolved to `profile_id`, remember the answer for a replay, log what was demoted."""
-        identifiers = [{"type": t, "value": v} for t, v in all_ids]
+        event, profile_id = saga["event"], saga["current"]
+        identifiers = [{"type": t, "value": v} for t, v in saga["all"]]
         out.resolved.append(Resolved(profile_id, identifiers, event))
         state.put(memo.memo_key(DONE, event, event["message_id"]), {"p": profile_id, "ids": identifiers})
-        for type_, value, rule in demoted:
-            out.log.append(log_entry("demoted", profile_id, None, [[type_, value]], event["message_id"], int(event["timestamp"]), rule))
+        for type_, value, rule in saga["demoted"]:
+            out.log.append(log_entry("demoted", profile_id, None, [[type_, value]], event["message_id"], saga["at"], rule))
+        drop_saga(state, saga)
 
     # -- identifiers, at the identifier's owner ---------------------------------------------------------------
 
@@ -259,28 +241,6 @@ class IdentityProtocol(Settling):
         answer = {"kind": "claimed", "message_id": command["message_id"], "index": command["index"], "type": command["type"],
                   "value": command["value"], "holder": record["p"], "fresh": record["p"] == command["candidate"]}  # fmt: skip
         out.send(command["message_id"], answer)
-
-    def _on_resolve(self, command: Command, state: State, out: Outputs) -> None:
-        """An event with one identifier to link, at that identifier's owner: claim it (free: for the event's own
-        fresh profile, created now) and resolve the event to the profile it points at — what a saga with one claim
-        would do, without the saga and its two hops. A copy delivered twice is dropped; one sent `again` by a
-        replay answers the first resolution."""
-        event: RawEvent = command["event"]
-        message_id, at = event["message_id"], int(event["timestamp"])
-        _, done = memo.seen(state, DONE, event, message_id)
-        if done is not None and "p" in done:
-            if command.get("again"):
-                out.resolved.append(Resolved(done["p"], done["ids"], event))
-            return
-        type_, value = command["type"], command["value"]
-        candidate = profile_id_for(message_id, at)
-        key = identifier_record(type_, value)
-        record = state.get(key)
-        if record is None:
-            record = {"p": candidate}
-            state.put(key, record)
-            out.send(candidate, {"kind": "create", "profile": candidate, "at": at, "ids": [[type_, value, at]], "message_id": message_id})
-        self._resolve(event, record["p"], command["all"], command["demoted"], state, out)
 
     def _on_repoint(self, command: Command, state: State, out: Outputs) -> None:
         """After a merge: point straight at the survivor (older wins, so late repoints can't go backwards)."""
@@ -406,7 +366,6 @@ _HANDLERS = {
     "event": IdentityProtocol._on_event,
     "claim": IdentityProtocol._on_claim,
     "claimed": IdentityProtocol._on_claimed,
-    "resolve": IdentityProtocol._on_resolve,
     "create": IdentityProtocol._on_create,
     "join": IdentityProtocol._on_join,
     "offer": IdentityProtocol._on_offer,

@@ -132,17 +132,6 @@ def event_command(event: RawEvent) -> Command:
     return {"kind": "event", "event": event}
 
 
-def resolve_command(event: RawEvent, via: Sequence[str], all_ids: Sequence[Sequence[str]], demoted: Sequence[Sequence[str]],
-                    again: bool = False) -> Command:  # fmt: skip
-    """An event with one identifier to link (`via`), for that identifier's owner to resolve; `all_ids` and `demoted`
-    as its saga would have had them; `again`: sent by a replay (answered from the first resolution)."""
-    command: Command = {"kind": "resolve", "event": event, "type": via[0], "value": via[1],
-                        "all": [list(i) for i in all_ids], "demoted": [list(d) for d in demoted]}  # fmt: skip
-    if again:
-        command["again"] = True
-    return command
-
-
 LEFT_OUT = ""  # a saga's holder for an identifier whose claim failed: it links nothing
 
 

@@ -3,7 +3,7 @@ records and failed commands").
 
 `IdentityProtocol.apply` runs a command all or nothing; one that is malformed or fails is reported, and then
 `_settle` does for its waiters what it would have done, from the fields it can still read: a failed claim answers
-its saga that the identifier is left out (a failed `resolve` resolves its event on its own profile the same way); a failed join or offer is refused (and that decision kept, so a copy
+its saga that the identifier is left out; a failed join or offer is refused (and that decision kept, so a copy
 delivered again is answered the same); a failed create makes the profile exist anyway; a failed `offered` frees
 the younger profile as the older decided; a failed answer to a saga finishes the saga with what it has. Never a
 link no event asked for.
@@ -11,22 +11,16 @@ link no event asked for.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from agents import checks, memo
-from agents.errors import InvalidRecord
-from agents.identity.commands import demoted_ids, pairs
-from agents.identity.records import (
-    DONE, LEFT_OUT, Command, Outputs, answers_its_claim, load_saga, log_entry, profile_id_for, profile_record,
-)  # fmt: skip
+from agents.identity.records import LEFT_OUT, Command, Outputs, answers_its_claim, load_saga, log_entry, profile_record
 from agents.state import Overlay, State
 
 RULE_CHARS = 200  # a `failed: <error>` rule is kept on sagas and merge-log entries: bounded
 
 
 class Settling:
-    """Mixed into IdentityProtocol, whose `_finish`, `_resolve`, `_drain` and `_answer` it uses."""
+    """Mixed into IdentityProtocol, whose `_finish`, `_drain` and `_answer` it uses."""
 
     def _settle_failed(self, command: Command, error: BaseException, state: State, out: Outputs) -> None:
         """Run `_settle` all or nothing; if even that fails (the state itself is broken), report it unsettled."""
@@ -49,8 +43,6 @@ class Settling:
             if _text(command, "type") and isinstance(command.get("value"), str):
                 answer.update(type=command["type"], value=command["value"])
             out.send(message_id, answer)
-        elif kind == "resolve":
-            self._resolve_alone(command, rule, state, out)
         elif kind in ("claimed", "joined") and message_id:
             self._abort(message_id, command, rule, state, out)
         elif kind == "create" and _text(command, "profile"):
@@ -99,24 +91,6 @@ class Settling:
                 saga["demoted"].append([*saga["ids"][index], rule])
         self._finish(saga, state, out)
 
-    def _resolve_alone(self, command: Command, rule: str, state: State, out: Outputs) -> None:
-        """A failed `resolve`: the event stands on its own profile (created without identifiers) and its identifier
-        is demoted — what a saga whose one claim failed does. Nothing to do if its event can't be read."""
-        event = command.get("event")
-        try:
-            checks.raw_event(event)
-        except InvalidRecord:
-            return
-        message_id, at = event["message_id"], int(event["timestamp"])
-        if (memo.seen(state, DONE, event, message_id)[1] or {}).get("p") is not None:
-            return  # resolved before: this was a copy
-        own = profile_id_for(message_id, at)
-        out.send(own, {"kind": "create", "profile": own, "at": at, "ids": [], "message_id": message_id})
-        all_ids, demoted = _valid(pairs, command, "all"), _valid(demoted_ids, command, "demoted")
-        if _text(command, "type") and isinstance(command.get("value"), str):
-            demoted = [*demoted, [command["type"], command["value"], rule]]
-        self._resolve(event, own, all_ids, demoted, state, out)
-
     def _create_anyway(self, command: Command, state: State, out: Outputs) -> None:
         """A profile whose create failed exists all the same (without identifiers), so what waits for it goes on."""
         key = profile_record(command["profile"])
@@ -160,15 +134,6 @@ def _text(command: Command, field: str) -> str | None:
 def _whole(command: Command, field: str) -> int:
     value = command.get(field)
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**15 else 0
-
-
-def _valid(check: Callable[[Command, str], None], command: Command, field: str) -> list[Any]:
-    """The field if it passes `check`, else nothing."""
-    try:
-        check(command, field)
-    except InvalidRecord:
-        return []
-    return list(command[field])
 
 
 def _index(command: Command) -> bool:

@@ -347,38 +347,6 @@ def test_a_replayed_event_resolves_to_the_profile_it_resolved_to_first() -> None
     assert len(cluster.log) == entries, "a replay logs no merge again"
 
 
-def test_a_one_identifier_event_is_resolved_at_its_identifier_without_a_saga() -> None:
-    """Its owner sends it on (`resolve`) and keeps only where it went; the identifier's owner claims and resolves."""
-    cluster = Cluster(UNLIMITED, partitions=4, seed=2)
-    first = cluster.send([("anonymous_id", "a1")])
-    owner, at = cluster.states[partition_of(first, 4)], partition_of("anonymous_id:a1", 4)
-    cluster.run(steps=1)  # the event, at its messageId's owner
-    assert not any(k.startswith(("c|", "e|")) for k in owner), "no saga"
-    assert [r for k, r in owner.items() if k.startswith("r@")] == [{"via": ["anonymous_id", "a1"]}]
-    assert [c["kind"] for c in cluster.work[at]] == ["resolve"]
-    cluster.run()
-    cluster.assert_quiet()
-    second = cluster.send([("anonymous_id", "a1")])
-    cluster.run()
-    assert cluster.resolved[first] == cluster.resolved[second] == [cluster.holder("anonymous_id", "a1")]
-
-
-def test_a_replayed_one_identifier_event_keeps_its_first_answer_when_the_rules_changed() -> None:
-    """A replay goes where the first pass went (the messageId's owner kept it), whose owner answers the first
-    resolution: not a profile of its own because its identifier is blocked by now, nor a new saga."""
-    cluster = Cluster(UNLIMITED, partitions=4, seed=3)
-    sent = [cluster.send([("anonymous_id", f"a{n % 5}")]) for n in range(20)]
-    cluster.run()
-    first = {mid: profiles[0] for mid, profiles in cluster.resolved.items()}
-    cluster.protocol.rules = IdentityRules(identifiers=UNLIMITED.identifiers, blocked=("a1", "a2"),
-                                           max_merges=UNLIMITED.max_merges, max_identifiers=UNLIMITED.max_identifiers)  # fmt: skip
-    for n, mid in enumerate(sent):
-        cluster.raw[partition_of(mid, 4)].append(event_command(make_event(mid, [("anonymous_id", f"a{n % 5}")], 2_000)))
-    cluster.run()
-    cluster.assert_quiet()
-    assert cluster.resolved == {mid: [p, p] for mid, p in first.items()}
-
-
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.lists(st.sampled_from(POOL), min_size=1, max_size=3, unique=True), min_size=10, max_size=40),
        st.integers(2, 6), st.integers(0, 2**32))  # fmt: skip
