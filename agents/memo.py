@@ -6,7 +6,8 @@ event: a re-sent outbox after a crash, `cdp replay`, a backfill re-reading histo
 topic that still holds one, so a memo is needed as long as the topics it guards may: its key carries the hour of
 the event's `received_at` (set once by the ingest; every copy carries the same), `<kind>@<hour>|<rest>`, and
 once that hour is more than the *memo horizon* in the past every memo of the hour is deleted — from the store
-and, as tombstones, from the changelog — in key order, a range at a time, without reading any value.
+and from the changelog, where a batch's memos of one hour are one record (topology/runtime/memo_packs.py) — in
+key order, a range at a time, without reading any value.
 
 The horizon (`topics.memo_horizon`, default 2 × `topics.retention` + 7 days) covers a copy written as late as
 possible: an event in events.raw for a retention, replayed at its very end into a copy that lives another

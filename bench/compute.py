@@ -245,7 +245,7 @@ def changelog_stats(settings: Settings, events: int) -> dict[str, Any]:
         consumer.close()
     by_kind: dict[str, dict[str, int]] = {}
     for key, size in latest.items():
-        kind = by_kind.setdefault(key.split("|", 1)[0] + "|", {"records": 0, "bytes": 0})
+        kind = by_kind.setdefault(re.match(r"[^|#]*[|#]?", key).group(0), {"records": 0, "bytes": 0})  # type: ignore[union-attr]
         kind["records"] += 1
         kind["bytes"] += size
     count = max(len(profiles), 1)

@@ -12,6 +12,8 @@ bench/pipeline_load.py, the whole bench and its table in bench/pipeline_bench.py
 
 from __future__ import annotations
 
+import re
+
 import os
 import sys
 import threading
@@ -171,7 +173,7 @@ def topic_traffic(settings: Settings) -> dict[str, dict[str, Any]]:
                             size += length
                             if spec.compacted:
                                 key = message.key() or b""
-                                kind = kinds[key.split(b"|", 1)[0].decode(errors="replace")]
+                                kind = kinds[re.split(rb"[|#]", key, maxsplit=1)[0].decode(errors="replace")]  # a memo pack: its kind@hour
                                 kind[0] += 1
                                 kind[1] += length
                                 if message.value() is None:

@@ -16,7 +16,7 @@ import orjson
 from confluent_kafka import TopicPartition
 
 from topology.codecs import AvroCodec
-from topology.runtime.memo_packs import mark_legacy, read_back
+from topology.runtime.memo_packs import CATCH_UP_ENTRIES, mark_legacy, unpack
 from topology.runtime.partition_reader import catch_up_consumer, read_chunks
 from topology.runtime.state_store import StateStore
 
@@ -27,7 +27,7 @@ STALE_AFTER_MS = 20 * 3_600_000  # under the changelog's delete.retention.ms (Ka
 
 def catch_up(store: StateStore, bootstrap: str, topic: str, partition: int, codec: AvroCodec, stage: str,
              memos: Sequence[str] = ()) -> int:  # fmt: skip
-    """Bring `store` to the end of topic[partition]; returns how many records it read. Blocking. `memos`: the
+    """Bring `store` to the end of topic[partition]; returns how many entries it applied. Blocking. `memos`: the
     stage's memo kinds, whose packs are unpacked (topology/runtime/memo_packs.py)."""
     consumer = catch_up_consumer(bootstrap, f"{topic}.catch-up", read_committed=True)  # whole batches
     try:
@@ -49,7 +49,7 @@ def catch_up(store: StateStore, bootstrap: str, topic: str, partition: int, code
         def take(message: Any) -> None:
             value, key = message.value(), message.key().decode()
             if memos:
-                read_back(key, None if value is None else codec.decode(value)["record"], memos, chunk, store)
+                chunk.update(unpack(key, None if value is None else codec.decode(value)["record"], memos))
             else:
                 chunk[key] = None if value is None else orjson.dumps(codec.decode(value)["record"])
 
@@ -59,7 +59,8 @@ def catch_up(store: StateStore, bootstrap: str, topic: str, partition: int, code
             found += len(chunk)
             chunk.clear()
 
-        read_chunks(consumer, topic, partition, max(start or 0, low), high, CATCH_UP_CHUNK, take, flush)
+        read_chunks(consumer, topic, partition, max(start or 0, low), high, CATCH_UP_CHUNK, take, flush,
+                    full=lambda: len(chunk) >= CATCH_UP_ENTRIES)  # a memo pack unpacks to thousands of entries
         if store.changelog_next is None:
             store.apply({}, high)
         return found

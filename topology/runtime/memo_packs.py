@@ -32,6 +32,7 @@ PACK_BYTES = 256_000  # a pack's JSON stays about this small (a Kafka record hol
 LEGACY = "\x01memo|"  # local only: `LEGACY + key` marks a memo the changelog holds as a record of its own
 MARKED = "\x00memo-packs"  # local only: the store's memos from before packs are marked (`mark_legacy`)
 PACK_MARKER = b"{}"  # a pack's local record: only its key matters (expiry finds and tombstones it)
+CATCH_UP_ENTRIES = 50_000  # a catch-up applies what it unpacked in chunks of about this many entries
 _HOUR = re.compile(r"([a-z]+)@(\d{8})([|#])")
 
 
@@ -71,24 +72,12 @@ def split(changes: Mapping[str, bytes | None], kinds: Sequence[str], unlogged: s
     return logged, markers
 
 
-def read_back(key: str, record: dict[str, object] | None, kinds: Sequence[str], pending: dict[str, bytes | None],
-              store: StateStore) -> None:  # fmt: skip
-    """Add to `pending` (changes not applied to `store` yet) what a changelog record read back changes locally: a
-    pack's memos and its marker; for a pack's tombstone, every memo of its kind and hour goes (the hour expired —
-    its memos were deleted with no tombstone of their own); a memo of its own with its legacy mark; anything else
-    as it is."""
-    parts = memo_parts(key, kinds) if kinds else None
-    if parts is not None and parts[2] and record is None:
-        hour = key[: key.index(PACK)]
-        for gone in [*(k for k in pending if k.startswith(hour)), *store.keys(hour)]:
-            pending[gone] = None
-            if not is_pack(gone):
-                pending[LEGACY + gone] = None
-    pending.update(unpack(key, record, kinds))
-
-
 def unpack(key: str, record: dict[str, object] | None, kinds: Sequence[str]) -> dict[str, bytes | None]:
-    """What a changelog record read back changes in the local store, on its own (`read_back` does the rest)."""
+    """What a changelog record read back changes in the local store: a pack's memos and its marker, a memo of its
+    own with its legacy mark, anything else as it is. A pack's tombstone removes its marker only: its hour expired,
+    and the timer's next run deletes the hour's memos (no tombstone of their own) as it did where they were
+    written — a catch-up never scans an hour, nor deletes another pack's marker or a legacy memo's mark that the
+    timer still needs."""
     parts = memo_parts(key, kinds) if kinds else None
     if parts is None:
         return {key: None if record is None else orjson.dumps(record)}

@@ -25,9 +25,10 @@ def catch_up_consumer(bootstrap: str, group: str, *, read_committed: bool = Fals
 
 
 def read_chunks(consumer: Consumer, topic: str, partition: int, start: int, high: int, chunk_size: int,
-                take: Callable[[Message], None], flush: Callable[[int], None]) -> None:  # fmt: skip
+                take: Callable[[Message], None], flush: Callable[[int], None], full: Callable[[], bool] | None = None) -> None:  # fmt: skip
     """`take` every record of topic[partition] from `start` to `high`; `flush(position)` after every
-    `chunk_size` records and at the end, with the offset reached (never beyond `high`)."""
+    `chunk_size` records, whenever `full()` says what was taken is big enough, and at the end, with the offset
+    reached (never beyond `high`)."""
     position, taken = start, 0
     if start < high:
         consumer.assign([TopicPartition(topic, partition, start)])
@@ -38,6 +39,9 @@ def read_chunks(consumer: Consumer, topic: str, partition: int, start: int, high
                 take(message)
                 taken += 1
                 position = message.offset() + 1
+                if full is not None and full():
+                    flush(min(position, high))
+                    taken = 0
             elif error.code() == KafkaError._PARTITION_EOF:
                 position = high
             else:
