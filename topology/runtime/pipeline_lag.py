@@ -8,7 +8,9 @@ partition the group never committed counts from its low watermark, where `auto_o
 and adds the three hops.
 
 Why the sum: an event the ingest wrote and compute has not applied is in exactly one hop's backlog — accepted
-until dedup passed it on, raw until identity did, resolved until compute applied it — so the sum counts it once;
+until dedup passed it on, raw until identity resolved it (identity commits `events.raw` no further than the
+oldest event whose saga still waits for its commands, topology/stages/identity.py `held`: while they travel the
+event is on no topic), resolved until compute applied it — so the sum counts it once;
 duplicates that dedup drops and records that go to a dead letter leave the count. Committed offsets trail what
 the stages did: a stage's output is on the next hop before the input it came from is committed (every 0.2 s,
 topology/graph.py), so for up to one commit interval an event counts on two hops (three, if it crossed two).

@@ -22,7 +22,7 @@ from agents import checks, memo
 from agents.errors import UndecodableError
 from agents.events import MergeLogEntry, RawEvent
 from agents.identity.protocol import IdentityProtocol, Outputs, Resolved, event_command
-from agents.identity.records import CLAIMING, DONE, claiming_record, load_saga, store_saga
+from agents.identity.records import CLAIMING, DONE, claiming_record, load_saga, saga_record, store_saga
 from agents.state import Overlay
 from topology.codecs import AvroCodec
 from topology.runtime.dead_letters import DeadLetters
@@ -38,6 +38,7 @@ from topology.runtime.state_store import StateStore, Transaction
 
 log = logging.getLogger(__name__)
 CLAIMING_MAX_S = 60.0  # a claiming saga waiting longer is written durably (`persist_waiting`)
+HELD_MAX_S = 60.0  # a durable saga holds cdp.events.raw's committed offset (the lag reading) at most this long
 # Claiming sagas in memory only (docs/identity.md, "Claiming sagas") cut identity.state from 4.8 to 3.0 records and
 # 2.0 to 0.9 KB per event, but are off: a saga lost in a restart is started again under the identity rules of the
 # restarted worker, and if those changed (a blocked value, a limit, a priority, a custom path) an identifier the
@@ -158,9 +159,10 @@ class IdentityStage(PartitionedStage):
     # -- claiming sagas: in memory only, rebuilt from cdp.events.raw -------------------------------------------
 
     def _note_claiming(self, message: InputRecord, event: RawEvent, tx: Transaction) -> None:
-        """Remember where the event of a claiming saga this record started is, to read it again if the saga is lost."""
+        """Remember where the event of a saga this record started is: to read it again if the saga is lost (kept in
+        memory), and to count the event in the pipeline's lag until it is resolved (`held`)."""
         key = claiming_record(event["message_id"])
-        if self.io.volatile and tx.changes.get(key) is not None:
+        if tx.changes.get(key) is not None:
             self._claiming[message.partition][key] = (message.offset, time.monotonic())
 
     def reapply(self, mark: str, message: InputRecord, tx: Transaction, out: Output) -> bool:
@@ -187,16 +189,24 @@ class IdentityStage(PartitionedStage):
         return True
 
     def committed(self, partition: int, store: StateStore) -> None:
-        """Commit cdp.events.raw no further than the oldest claiming saga's event, which a restart must read again."""
+        """Commit cdp.events.raw no further than the oldest unfinished saga's event: a restart must read a claiming
+        one's event again, and the ingest's backpressure counts an event on cdp.events.raw until it is resolved
+        (topology/runtime/pipeline_lag.py) — a saga's event is on no topic while its commands travel."""
         if self.feed is not None:
             self.feed.hold(self.topics.raw, partition, self.held(partition, store))
 
     def held(self, partition: int, store: StateStore) -> int | None:
-        """The raw offset of the oldest claiming saga's event in `store` (None: no saga is claiming)."""
-        claiming = self._claiming[partition]
-        for key in [key for key in claiming if not store.in_memory(key)]:
-            del claiming[key]  # finished, durable at e| now, or lost with a store that was closed
-        return min(offset for offset, _ in claiming.values()) if claiming else None
+        """The raw offset of the oldest unfinished saga's event this worker started (None: none). A saga kept in
+        memory is held until it finishes or is durable; a durable one for at most HELD_MAX_S (a saga waiting on a
+        lost answer must not hold the lag reading, and so the ingest, for ever), and not across a restart."""
+        claiming, now = self._claiming[partition], time.monotonic()
+        for key, (offset, at) in list(claiming.items()):  # in the order of their events' offsets
+            if store.in_memory(key):
+                return offset
+            if now - at < HELD_MAX_S and (store.raw(key) is not None or store.raw(saga_record(key[len(CLAIMING):])) is not None):
+                return offset
+            del claiming[key]  # finished (or lost with a store that was closed, or waiting too long)
+        return None
 
     def timers(self) -> list[Timer]:
         async def persist() -> None:
