@@ -12,7 +12,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 from confluent_kafka import TopicPartition
 
 from topology.codecs import AvroCodec
@@ -47,11 +46,8 @@ def catch_up(store: StateStore, bootstrap: str, topic: str, partition: int, code
         chunk: dict[str, bytes | None] = {}
 
         def take(message: Any) -> None:
-            value, key = message.value(), message.key().decode()
-            if memos:
-                chunk.update(unpack(key, None if value is None else codec.decode(value)["record"], memos))
-            else:
-                chunk[key] = None if value is None else orjson.dumps(codec.decode(value)["record"])
+            value = message.value()
+            chunk.update(unpack(message.key().decode(), None if value is None else codec.decode(value)["record"], memos))
 
         def flush(position: int) -> None:
             nonlocal found

@@ -37,11 +37,12 @@ _HOUR = re.compile(r"([a-z]+)@(\d{8})([|#])")
 
 
 def memo_parts(key: str, kinds: Sequence[str]) -> tuple[str, str, bool] | None:
-    """(kind, hour, is a pack) of a memo or pack key of one of `kinds`; None for any other key."""
-    match = _HOUR.match(key)
-    if match is None or match.group(1) not in kinds:
+    """(kind, hour, is a pack) of a memo or pack key of one of `kinds`; None for any other key (most of a batch's:
+    a cheap prefix test before the pattern, this runs on every change a stage commits)."""
+    if not kinds or not key.startswith(tuple(f"{kind}@" for kind in kinds)):
         return None
-    return match.group(1), match.group(2), match.group(3) == PACK
+    match = _HOUR.match(key)
+    return None if match is None else (match.group(1), match.group(2), match.group(3) == PACK)
 
 
 def is_pack(key: str) -> bool:
@@ -58,7 +59,7 @@ def split(changes: Mapping[str, bytes | None], kinds: Sequence[str], unlogged: s
     for key, value in changes.items():
         if key in unlogged:
             continue
-        parts = memo_parts(key, kinds) if kinds else None
+        parts = memo_parts(key, kinds)
         if parts is None or parts[2] or (value is None and LEGACY + key in changes):  # a legacy memo's tombstone too
             logged[key] = value
             continue
@@ -78,7 +79,7 @@ def unpack(key: str, record: dict[str, object] | None, kinds: Sequence[str]) -> 
     and the timer's next run deletes the hour's memos (no tombstone of their own) as it did where they were
     written — a catch-up never scans an hour, nor deletes another pack's marker or a legacy memo's mark that the
     timer still needs."""
-    parts = memo_parts(key, kinds) if kinds else None
+    parts = memo_parts(key, kinds)
     if parts is None:
         return {key: None if record is None else orjson.dumps(record)}
     if parts[2]:
@@ -104,7 +105,7 @@ def mark_legacy(store: StateStore, kinds: Sequence[str]) -> None:
         for key in store.keys(f"{kind}@"):
             if not is_pack(key):
                 marks[LEGACY + key] = PACK_MARKER
-            if len(marks) >= 50_000:
+            if len(marks) >= CATCH_UP_ENTRIES:
                 store.mark(marks)
                 marks.clear()
     store.mark({**marks, MARKED: PACK_MARKER})

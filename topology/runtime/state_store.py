@@ -89,6 +89,14 @@ class StateStore:
         return None if value is None else _OFFSET.unpack(value)[0]
 
     def apply(self, changes: Mapping[str, bytes | None], changelog_next: int) -> None:
+        self._write(changes, changelog_next)
+
+    def mark(self, marks: Mapping[str, bytes | None]) -> None:
+        """Write local-only records (marks the stage keeps about its records, never in the changelog); the
+        changelog offset stays as it is."""
+        self._write(marks, None)
+
+    def _write(self, changes: Mapping[str, bytes | None], changelog_next: int | None) -> None:
         batch = WriteBatch(raw_mode=True)
         for key, value in changes.items():
             if self.volatile and key.startswith(self.volatile):
@@ -100,19 +108,9 @@ class StateStore:
                 batch.delete(key.encode())
             else:
                 batch.put(key.encode(), value)
-        batch.put(_CHANGELOG_NEXT, _OFFSET.pack(changelog_next))
-        batch.put(_APPLIED_AT, _OFFSET.pack(int(time.time() * 1000)))
-        self._db.write(batch)
-
-    def mark(self, marks: Mapping[str, bytes | None]) -> None:
-        """Write local-only records (marks the stage keeps about its records, never in the changelog); the
-        changelog offset stays as it is."""
-        batch = WriteBatch(raw_mode=True)
-        for key, value in marks.items():
-            if value is None:
-                batch.delete(key.encode())
-            else:
-                batch.put(key.encode(), value)
+        if changelog_next is not None:
+            batch.put(_CHANGELOG_NEXT, _OFFSET.pack(changelog_next))
+            batch.put(_APPLIED_AT, _OFFSET.pack(int(time.time() * 1000)))
         self._db.write(batch)
 
     def reset(self) -> None:
