@@ -311,12 +311,12 @@ class ComputeEngine:
 
     def _fold_in(self, command: Command, state: State, out: Changes, now: int) -> None:
         survivor, merged = command["profile"], command["from"]
+        folded = folded_key(survivor, merged)
+        if state.get(folded) is not None:
+            return  # a repeat: this profile took it before, and handed it on in its own record if merged since
         forward = state.get(forward_key(survivor))
         if forward is not None:  # the survivor was merged on meanwhile: its own survivor takes it
             out.commands.append((forward["to"], {**command, "profile": forward["to"]}))
-            return
-        folded = folded_key(survivor, merged)
-        if state.get(folded) is not None:
             return
         state.put(folded, {})
         other = command.get("record")

@@ -142,6 +142,29 @@ def test_survivors_hold_every_event_of_their_merged_profiles_once(scenario: Any,
         assert {a for a, t in final.items() if t == "entered"} == set(record["m"] if record else ())
 
 
+def test_a_repeated_fold_in_reaching_a_profile_merged_on_since_is_not_counted_again() -> None:
+    """p5 folds into p3, which takes it and is then merged into p1; the repeat of p5's fold_in (a re-sent command)
+    then reaches p3. p3 handed p5's events on inside its own record: forwarding the repeat would count them twice.
+    (Found by the property test above: a chain p5 → p3 → p1 with duplicates.)"""
+    engine, records = ComputeEngine(lambda: LIVE), {}  # one partition holds every profile
+    state = _DictState(records)
+    order = {"message_id": "m1", "type": "track", "event": "Order Completed", "properties": {}, "traits": {}, "timestamp": NOW - 1}
+    engine.event("p5", order, state, Changes(), NOW)
+
+    def run(command: dict[str, Any]) -> list[dict[str, Any]]:
+        out = Changes()
+        engine.command(command, state, out, NOW)
+        return [sent for _, sent in out.commands]
+
+    [fold_in_p3] = run({"kind": "fold_out", "profile": "p5", "into": "p3", "at": NOW})
+    assert run(fold_in_p3) == []
+    [fold_in_p1] = run({"kind": "fold_out", "profile": "p3", "into": "p1", "at": NOW})
+    assert run(fold_in_p1) == []
+    assert run(fold_in_p3) == []  # the repeat: dropped at p3, not forwarded to p1
+    orders = parse_trait(TRAITS[0])
+    assert value(orders, records["p|p1"]["t"][LIVE.sids["orders"]], NOW) == 1
+
+
 RICH_TRAITS = [*TRAITS, {"key": "pages", "kind": "count", "event": "Page Viewed"}]
 RICH_AUDIENCES = [
     *AUDIENCES,
