@@ -28,7 +28,7 @@ from topology.codecs import Codecs
 from topology.config import Settings
 from topology.runtime.definitions_feed import DefinitionsFeed
 from topology.runtime.gc_tuning import freeze_start_up, gc_seconds
-from topology.runtime.input_feed import InputFeed, commit_offsets, never_fetch
+from topology.runtime.input_feed import InputFeed, commit_offsets, faust_group_metadata, never_fetch
 from topology.runtime.pipeline_lag import KafkaLagReader, PipelineLag, pipeline_group
 from topology.runtime.producer import AsyncProducer, LazyProducer
 from topology.runtime.shutdown import watch_shutdown
@@ -89,7 +89,8 @@ def build(settings: Settings) -> Graph:
     )  # fmt: skip
     wiring = Wiring(settings, codecs, producer, definitions)
     stages: list[Stage] = [module.wire(wiring) for module in WORKER_STAGES]
-    feeds = {stage.name: InputFeed(stage.name, settings.kafka_bootstrap, pipeline_group(settings), stage.inputs()) for stage in stages}
+    feeds = {stage.name: InputFeed(stage.name, settings.kafka_bootstrap, pipeline_group(settings), stage.inputs(),
+                                   group_metadata=lambda: faust_group_metadata(app)) for stage in stages}  # fmt: skip
     _read_beneath_faust(app, stages, feeds)
 
     def partitions(tps: Any, topic: str) -> set[int]:

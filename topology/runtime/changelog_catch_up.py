@@ -12,8 +12,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
+from agents.errors import DeliveryFailed
 from topology.codecs import AvroCodec
 from topology.runtime.memo_packs import CATCH_UP_ENTRIES, mark_legacy, unpack
 from topology.runtime.partition_reader import catch_up_consumer, read_chunks
@@ -22,6 +23,31 @@ from topology.runtime.state_store import StateStore
 log = logging.getLogger(__name__)
 CATCH_UP_CHUNK = 20_000
 STALE_AFTER_MS = 20 * 3_600_000  # under the changelog's delete.retention.ms (Kafka's default: 24 h)
+SETTLE_POLL_S = 0.05
+
+
+def wait_settled(bootstrap: str, topic: str, partition: int, timeout_s: float) -> None:
+    """Return once no transaction is open on topic[partition]: its last stable offset (the end a read_committed
+    reader is given) has reached its end. A new owner calls it before catching up: a previous owner's transaction
+    still open either commits (and the catch-up then reads it) or is aborted (the group fenced it, or the broker
+    timed it out), so the store ends up where the changelog will stay. DeliveryFailed after `timeout_s`."""
+    stable_reader = catch_up_consumer(bootstrap, f"{topic}.catch-up", read_committed=True)
+    end_reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}.catch-up", "enable.auto.commit": False,
+                           "isolation.level": "read_uncommitted"})  # librdkafka's default is read_committed  # fmt: skip
+    tp = TopicPartition(topic, partition)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            _, stable = stable_reader.get_watermark_offsets(tp, timeout=10)
+            _, end = end_reader.get_watermark_offsets(tp, timeout=10)
+            if stable >= end:
+                return
+            if time.monotonic() > deadline:
+                raise DeliveryFailed(f"{topic}[{partition}] still has a transaction open at offset {stable} after {timeout_s:.0f}s")
+            time.sleep(SETTLE_POLL_S)
+    finally:
+        stable_reader.close()
+        end_reader.close()
 
 
 def catch_up(store: StateStore, bootstrap: str, topic: str, partition: int, codec: AvroCodec, stage: str,

@@ -61,10 +61,13 @@ class InputFeed:
     Every call on the consumer runs on one thread of its own (librdkafka's calls block), so an assignment change
     and a poll never overlap: a poll's records and its epochs are of the same assignment."""
 
-    def __init__(self, name: str, bootstrap: str, group: str, topics: Sequence[str], *,
-                 max_records: int = 2_000, within_s: float = 0.02) -> None:  # fmt: skip
-        """`group`: Faust's consumer group, whose committed offsets say where each partition starts."""
+    def __init__(self, name: str, bootstrap: str, group: str, topics: Sequence[str], *, max_records: int = 2_000,
+                 within_s: float = 0.02, group_metadata: Callable[[], bytes | None] = lambda: None) -> None:  # fmt: skip
+        """`group`: Faust's consumer group, whose committed offsets say where each partition starts.
+        `group_metadata`: that group's member (Faust's consumer) and its generation as librdkafka takes them
+        (transactional.group_metadata), None while it has none: a stage's transactions commit offsets as it."""
         self.name, self.topics = name, tuple(topics)
+        self.group_metadata = group_metadata
         self.max_records, self.within_s = max_records, within_s
         self._consumer = Consumer({
             "bootstrap.servers": bootstrap,
@@ -82,6 +85,7 @@ class InputFeed:
         self._applied: dict[tuple[str, int], int] = {}  # next offset, once the stage made the records durable
         self._committed: dict[tuple[str, int], int] = {}
         self._holds: dict[tuple[str, int], int] = {}  # offsets the stage still needs read again after a restart
+        self._starts: dict[tuple[str, int], int] = {}  # where the group had committed, when a partition was assigned
 
     async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
@@ -100,6 +104,8 @@ class InputFeed:
         committed = self._consumer.committed(wanted, timeout=30)
         starts = []
         for tp in committed:
+            if tp.offset >= 0:
+                self._starts[(tp.topic, tp.partition)] = tp.offset
             offset = max(tp.offset, self._applied.get((tp.topic, tp.partition), OFFSET_INVALID))
             starts.append(TopicPartition(tp.topic, tp.partition, offset if offset >= 0 else OFFSET_INVALID))
         self._consumer.incremental_assign(starts)
@@ -185,6 +191,22 @@ class InputFeed:
             if held is not None and self._applied.get(key, held) > held:
                 self._applied[key] = held
 
+    def commit_point(self, partitions: Iterable[int]) -> dict[tuple[str, int], int]:
+        """Offsets of these partitions' inputs that are safe to commit now (what the stage made durable before, or
+        where the group had committed), for a transaction to commit as the group's member: that is what fences a
+        worker that lost its partitions (topology/runtime/transactional.py), so it is never empty — an input
+        never committed nor read yet is committed at 0, where it starts anyway."""
+        offsets, partitions = {}, sorted(partitions)
+        for partition in partitions:
+            for topic in self.topics:
+                key = (topic, partition)
+                offset = self._applied.get(key, self._starts.get(key))
+                if offset is not None:
+                    offsets[key] = offset
+        if not offsets:
+            offsets[(self.topics[0], partitions[0] if partitions else 0)] = 0
+        return offsets
+
     def hold(self, topic: str, partition: int, offset: int | None) -> None:
         """The stage keeps state rebuilt from topic[partition]'s records from `offset` on in memory only: commit
         no further, so a new owner (or this worker, after an eager rebalance) reads them again. None: no hold.
@@ -221,6 +243,20 @@ async def drive(feed: InputFeed, process: Callable[[Polled], Awaitable[None]]) -
             feed.done(batch)
 
 
+async def drive_cycles(feed: InputFeed, process: Callable[[list[Polled]], Awaitable[None]]) -> None:
+    """`drive`, with each poll's partitions handed to `process` together (a stage that commits them in one
+    transaction); `process` never raises."""
+    while True:
+        polled = await feed.poll()
+        if not polled:
+            continue
+        batches = [batch for batch in polled if batch.records]
+        if batches:
+            await process(batches)
+        for batch in polled:
+            feed.done(batch)
+
+
 def never_fetch(consumer: Any, topics: Iterable[str]) -> None:
     """Keep Faust's consumer subscribed to `topics` (its group assigns them) but never let it fetch them, resume
     them after a rebalance, or report them stalled: an InputFeed reads them. Patches this one consumer."""
@@ -240,6 +276,22 @@ def never_fetch(consumer: Any, topics: Iterable[str]) -> None:
     consumer._set_active_tps = _set_active_tps
     consumer.resume_partitions = resume_partitions
     consumer.verify_event_path = verify_event_path
+
+
+def faust_group_metadata(app: Any) -> bytes | None:
+    """The group membership of Faust's consumer (aiokafka's coordinator: member id and generation) as librdkafka
+    takes it, for the stages' transactions to commit offsets as that member; None while it has joined no
+    generation."""
+    from topology.runtime.transactional import group_metadata
+
+    try:
+        coordinator = app.consumer._thread._ensure_consumer()._coordinator
+    except Exception:  # not started yet
+        return None
+    generation, member = coordinator.generation, coordinator.member_id
+    if generation < 0 or not member:
+        return None
+    return group_metadata(coordinator.group_id, generation, member, coordinator._group_instance_id)
 
 
 async def commit_offsets(app: Any, feeds: Sequence[InputFeed]) -> None:

@@ -2,7 +2,7 @@
 every batch's decisions made durable before anything leaves. The identity and compute stages are built on it.
 
 The stage reads co-partitioned input topics (topology/runtime/input_feed.py, beneath Faust, on the partitions Faust's
-group assigned), so partition N of each lands on one worker and shares store N. Per batch and partition:
+group assigned), so partition N of each lands on one worker and shares store N. Per poll, partition by partition:
   1. catch up the store from its changelog partition (read_committed) when the partition is (re)assigned — at
      once, not at its next input — and send an outbox an earlier version left behind (below);
   2. apply every input not applied yet (an input watermark per topic lives in the state, `w|<mark>`) through the
@@ -11,10 +11,12 @@ group assigned), so partition N of each lands on one worker and shares store N. 
      or it hits a bug) dead-letters that
      record and the batch goes on — only Kafka failures and deliberate waits (agents/errors.py) retry the batch
      (topology/runtime/stalls.py), so no record can stall its partition;
-  3. write the changes and every output — to other partitions of the stage (`Output.outbox`, turned into
-     records by the subclass, a partition's commands batched into one record) and to the outside
-     (`Output.atomic`) — in one Kafka transaction (the partition's transactional id fences a previous owner),
-     then apply the changes locally.
+  3. write the changes and every output of all the poll's partitions — to other partitions of the stage
+     (`Output.outbox`, turned into records by the subclass, a partition's commands batched into one record) and
+     to the outside (`Output.atomic`) — in one Kafka transaction that also commits the inputs' offsets as the
+     group's member, which fences a previous owner (topology/runtime/transactional.py), then apply the changes
+     locally. A partition that can't join the poll's transaction (it waits, or the transaction failed) goes on
+     alone, retried until written.
 A SIGKILL before 3 commits re-reads the inputs (nothing was decided: the transaction is all or nothing); after
 it, the watermark skips them. So nothing is lost, nothing is decided twice, and every reader — the stages read
 their inputs read_committed (topology/runtime/input_feed.py) — sees each output once.
@@ -30,6 +32,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,23 +44,24 @@ from agents.errors import DeliveryFailed, InvalidRecord
 from agents.state import Overlay, check_sizes
 from topology.codecs import AvroCodec
 from topology.runtime.dead_letters import DeadLetters
-from topology.runtime.input_feed import InputFeed, InputRecord, Polled, drive
+from topology.runtime.input_feed import InputFeed, InputRecord, Polled, drive_cycles
 from topology.runtime.stage import Timer
 from topology.web.metrics import Metric
 from topology.runtime import memo_packs
-from topology.runtime.changelog_catch_up import catch_up
+from topology.runtime.changelog_catch_up import catch_up, wait_settled
 from topology.runtime.partitioning import key_partition
 from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.runtime.stage_cpu import spent_by
 from topology.runtime.stalls import RETRIED, PartitionHealth, until_done
 from topology.runtime.state_store import StateStore, Transaction
-from topology.runtime.transactional import TransactionalWriter
+from topology.runtime.transactional import TRANSACTION_TIMEOUT_MS, TransactionalWriter, transactional_id
 
 log = logging.getLogger(__name__)
 OUTBOX = "o|"  # outbox records of an earlier version: o|0, o|1, ... (see the module docstring)
 OUTBOX_CHUNK_BYTES = 256_000  # outputs to the stage's partitions go out in records of at most about this much
 MEMOS_PER_RUN = 20_000  # memo tombstones per partition and transaction (≈ 1 MB): a backlog of them goes in steps
 MEMO_SWEEP_S = 10.0  # how often a stage drops memos past the horizon (agents/memo.py)
+SETTLE_TIMEOUT_S = TRANSACTION_TIMEOUT_MS / 1000 + 5  # a dead owner's open transaction is aborted by then
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,17 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One partition's share of a transaction: its state changes (`unlogged` ones stay local) and outputs."""
+
+    partition: int
+    store: StateStore
+    changes: dict[str, bytes | None]
+    out: Output = field(default_factory=Output)
+    unlogged: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
 class StageIO:
     """Where a stage keeps its state and where its bad inputs go."""
 
@@ -148,7 +163,8 @@ class PartitionedStage:
         self._stale: set[int] = set()
         self._locks: dict[int, asyncio.Lock] = {}
         self._assigned: set[int] = set()
-        self._writers: dict[int, TransactionalWriter] = {}
+        self._writer: TransactionalWriter | None = None
+        self._writing = asyncio.Lock()  # one transaction at a time on the stage's producer
         self.feed: InputFeed | None = None
 
     @property
@@ -175,7 +191,7 @@ class PartitionedStage:
         for name, count in vars(self.counters).items():
             work.add(count, what=name)
         memos = Metric("cdp_memos_expired_total", "counter", "per-event memo keys deleted past the memo horizon")
-        transactions = Metric("cdp_transactions_total", "counter", "Kafka transactions committed (one per batch and partition)")
+        transactions = Metric("cdp_transactions_total", "counter", "Kafka transactions committed (one per poll cycle, and per timer run)")
         return [work, memos.add(self.memos_expired, stage=self.name), transactions.add(self.transactions, stage=self.name)]
 
     @property
@@ -228,7 +244,7 @@ class PartitionedStage:
             asyncio.ensure_future(self._warm(partition))
 
     async def on_partitions_revoked(self, partitions: set[int]) -> None:
-        """Wait for each partition's running work (batch or warm-up), then close its store and writer.
+        """Wait for each partition's running work (batch or warm-up), then close its store.
 
         The local copy is kept (Faust's rebalances are eager: every partition is revoked and most come straight
         back), and caught up from its changelog offset when it is assigned again — unless it is older than
@@ -243,9 +259,6 @@ class PartitionedStage:
                 store = self._stores.pop(partition, None)
                 if store is not None:
                     store.close()
-                writer = self._writers.pop(partition, None)
-                if writer is not None:
-                    writer.close()
 
     def _lock(self, partition: int) -> asyncio.Lock:
         return self._locks.setdefault(partition, asyncio.Lock())
@@ -282,7 +295,49 @@ class PartitionedStage:
     async def run(self, feed: InputFeed) -> None:
         """Read the stage's inputs for ever: batches of records from every input, each partition's in offset order."""
         self.feed = feed
-        await drive(feed, self._take)
+        await drive_cycles(feed, self._cycle)
+
+    async def _cycle(self, batches: list[Polled]) -> None:
+        """A poll's partitions decided one by one and made durable in one transaction (its cost to the broker is a
+        commit marker per partition it wrote, whatever the number of partitions it serves). A partition that can't
+        join it — it waits (RETRIED), or the transaction fails — goes on alone, retried until written (`_take`)."""
+        alone: list[Polled] = []
+        async with AsyncExitStack() as locks:
+            decided: list[tuple[Polled, Decision, StateStore]] = []
+            for batch in sorted(batches, key=lambda b: b.partition):  # locks in one order: timers take one at a time
+                await locks.enter_async_context(self._lock(batch.partition))
+                if self.feed is not None and not self.feed.current(batch):
+                    continue  # read before a rebalance: the partition's new assignment reads these again, in order
+                try:
+                    store = await self._ready_store(batch.partition)
+                    with spent_by(self.io.name):
+                        decision = self.decide(batch.partition, store, batch.records)
+                except RETRIED:
+                    alone.append(batch)
+                    continue
+                if decision.applied or decision.rebuilt:
+                    decided.append((batch, decision, store))
+            try:
+                await self._write_decided(decided)
+            except RETRIED as exc:
+                log.info("%s: a cycle's transaction failed (%s); its %d partitions go on one by one", self.io.name,
+                         exc, len(decided))  # fmt: skip
+                self._stale.update(batch.partition for batch, _, _ in decided)  # it may have committed: catch up
+                alone.extend(batch for batch, _, _ in decided)
+        for batch in alone:
+            await self._take(batch)
+
+    async def _write_decided(self, decided: Sequence[tuple[Polled, Decision, StateStore]]) -> None:
+        if not decided:
+            return
+        letters = [letter for _, decision, _ in decided for letter in decision.letters]
+        if letters:  # at-least-once, before the changelog: a crash may write one twice, never lose one
+            await self._producer().write_all(letters)
+            self.dead_lettered += len(letters)
+        await self._finish([Part(batch.partition, store, decision.tx.changes, decision.out, decision.tx.unlogged)
+                            for batch, decision, store in decided])  # fmt: skip
+        for batch, _, store in decided:
+            self.committed(batch.partition, store)
 
     async def _take(self, polled: Polled) -> None:
         await self._until_written(polled.partition, self._process, polled)
@@ -300,7 +355,7 @@ class PartitionedStage:
                 self.prepare(partition, tx)
                 work(tx, out)
             if tx.changes or out.outbox or out.atomic:
-                await self._finish(partition, store, tx, out)
+                await self._finish([Part(partition, store, tx.changes, out, tx.unlogged)])
 
         await self._until_written(partition, attempt, None)
         return True
@@ -343,11 +398,7 @@ class PartitionedStage:
             decision = self.decide(partition, store, polled.records)
         if not decision.applied and not decision.rebuilt:
             return
-        if decision.letters:  # at-least-once, before the changelog: a crash may write one twice, never lose one
-            await self._producer().write_all(decision.letters)
-            self.dead_lettered += len(decision.letters)
-        await self._finish(partition, store, decision.tx, decision.out)
-        self.committed(partition, store)
+        await self._write_decided([(polled, decision, store)])
 
     def decide(self, partition: int, store: StateStore, records: Sequence[InputRecord]) -> Decision:
         """What a batch of a partition's input records decides, before anything is written: the state changes, the
@@ -385,53 +436,68 @@ class PartitionedStage:
         out.take(attempt_out)
         return [self.io.dead_letters.record(f.error, key=f.key, value=f.value, **where) for f in attempt_out.failed]
 
-    async def _finish(self, partition: int, store: StateStore, tx: Transaction, out: Output) -> None:
-        out.seal()
-        chunks = [[item for item, _ in chunk] for chunk in _outbox_chunks(out.sealed)]  # records of bounded size
-        with spent_by(self.io.name):
-            records = [record for chunk in chunks for record in self.outbox_records(chunk)]
-        await self._commit(partition, store, tx.changes, [*out.atomic, *records], tx.unlogged)
-        for chunk in chunks:
+    async def _finish(self, parts: Sequence[Part]) -> None:
+        """The parts' changes and outputs (outbox items turned into records of bounded size) in one transaction."""
+        atomic: list[Record] = []
+        sent: list[list[Any]] = []
+        for part in parts:
+            part.out.seal()
+            chunks = [[item for item, _ in chunk] for chunk in _outbox_chunks(part.out.sealed)]
+            with spent_by(self.io.name):
+                atomic += [*part.out.atomic, *(record for chunk in chunks for record in self.outbox_records(chunk))]
+            sent += chunks
+        await self._commit(parts, atomic)
+        for chunk in sent:
             self.sent(chunk)
 
-    async def _commit(
-        self, partition: int, store: StateStore, changes: dict[str, bytes | None], atomic: Sequence[Record] = (),
-        unlogged: set[str] | None = None,
-    ) -> None:
-        """Changes (and atomic outputs) to Kafka in one transaction, then (committed) to the local store. Memos go
-        to the changelog in packs (topology/runtime/memo_packs.py); `unlogged` changes stay local."""
+    async def _commit(self, parts: Sequence[Part], atomic: Sequence[Record] = ()) -> None:
+        """Changes (and atomic outputs) to Kafka in one transaction with the parts' input offsets, committed as the
+        group's member (what fences a worker that lost its partitions), then (committed) to the local stores.
+        Memos go to the changelog in packs (topology/runtime/memo_packs.py); `unlogged` changes stay local."""
         encode = self.io.state_codec.encode_json_record  # the record's JSON as it is: no parse, no re-encoding
-        with spent_by(self.io.name):
-            logged, markers = memo_packs.split(changes, self.io.memos, unlogged or set())
-            records = [(key.encode(), None if value is None else encode(value)) for key, value in logged.items()
-                       if not store.is_volatile(key)]  # fmt: skip
-        writer = await self._writer(partition)
-
-        def write() -> list[int]:
+        records: list[tuple[int, bytes, bytes | None]] = []
+        applied: list[tuple[Part, dict[str, bytes | None]]] = []
+        for part in parts:
+            if part.partition not in self._assigned:
+                raise DeliveryFailed(f"{self.io.state_topic}[{part.partition}] is no longer ours")
             with spent_by(self.io.name):
-                return writer.write(records, atomic)
+                logged, markers = memo_packs.split(part.changes, self.io.memos, part.unlogged)
+                records += [(part.partition, key.encode(), None if value is None else encode(value))
+                            for key, value in logged.items() if not part.store.is_volatile(key)]  # fmt: skip
+            applied.append((part, {**part.changes, **markers} if markers else part.changes))
+        feed = self.feed
+        group = None if feed is None else feed.group_metadata()
+        if feed is None or group is None:
+            raise DeliveryFailed(f"{self.io.name}: not a member of the group yet: a transaction could not be fenced")
+        offsets = feed.commit_point(part.partition for part in parts)
+        async with self._writing:
+            writer = await self._ready_writer()
 
-        offsets = await asyncio.to_thread(write)
+            def write() -> dict[int, int]:
+                with spent_by(self.io.name):
+                    return writer.write(self.io.state_topic, records, atomic, offsets, group)
+
+            after = await asyncio.to_thread(write)
         self.transactions += 1
+        feed.committed(offsets)  # what the group now holds: the next offset commit takes it further
         with spent_by(self.io.name):
-            store.apply({**changes, **markers} if markers else changes, max(offsets) + 1 if offsets else store.changelog_next or 0)
+            for part, changes in applied:
+                part.store.apply(changes, after.get(part.partition, part.store.changelog_next or 0))
 
-    async def _writer(self, partition: int) -> TransactionalWriter:
-        """The partition's transactional writer; creating one fences every earlier writer of the partition (its
-        open transaction is aborted or finished first), so a changelog read after this is final."""
-        if partition not in self._assigned:
-            raise DeliveryFailed(f"{self.io.state_topic}[{partition}] is no longer ours")
-        writer = self._writers.get(partition)
-        if writer is None or writer.broken:
-            writer = self._writers[partition] = await asyncio.to_thread(TransactionalWriter, self.bootstrap, self.io.state_topic, partition)
-        return writer
+    async def _ready_writer(self) -> TransactionalWriter:
+        """The stage's transactional producer (under `_writing`); a new one aborts what an earlier one of this
+        worker (a broken producer, or the process before a restart) left open."""
+        if self._writer is None or self._writer.broken:
+            transactional = transactional_id(self.store_dir, self.io.state_topic)
+            self._writer = await asyncio.to_thread(TransactionalWriter, self.bootstrap, transactional)
+        return self._writer
 
     async def _send_outbox(self, partition: int, store: StateStore, keys: list[str], chunks: list[list[Any]]) -> None:
         """Send an outbox an earlier version committed (and maybe sent: the receivers take a repeat), then delete it."""
         records = [record for chunk in chunks for record in self.outbox_records(chunk)]
         if records:
             await self._producer().write_all(records)
-        await self._commit(partition, store, dict.fromkeys(keys))
+        await self._commit([Part(partition, store, dict.fromkeys(keys))])
         for chunk in chunks:
             self.sent(chunk)
 
@@ -447,10 +513,13 @@ class PartitionedStage:
     async def _ready_store(self, partition: int) -> StateStore:
         store = self._open_store(partition)
         if partition in self._stale:
-            # Fence the previous owner first: a transaction it still has open would otherwise sit beyond the
-            # read_committed end of the catch-up and commit after it, and those changes would never be read here.
-            await self._writer(partition)
+            # A transaction the previous owner still has open would otherwise sit beyond the read_committed end of
+            # the catch-up and commit after it, and those changes would never be read here: wait until it is
+            # committed or aborted (this worker's own earlier one is aborted by starting the stage's producer).
+            async with self._writing:
+                await self._ready_writer()
             try:
+                await asyncio.to_thread(wait_settled, self.bootstrap, self.io.state_topic, partition, SETTLE_TIMEOUT_S)
                 found = await asyncio.to_thread(self._catch_up, partition, store)
             except KafkaException as exc:
                 raise DeliveryFailed(f"can't read {self.io.state_topic}[{partition}] to catch up: {exc}") from exc
@@ -478,9 +547,9 @@ class PartitionedStage:
         for store in self._stores.values():
             store.close()
         self._stores.clear()
-        for writer in self._writers.values():
-            writer.close()
-        self._writers.clear()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def _check_sizes(tx: Overlay, out: Output) -> None:
