@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from agents.errors import DeliveryFailed
 from topology.runtime.input_feed import InputFeed, Polled
 
 PARTITIONS = 2
@@ -58,10 +60,16 @@ def test_records_come_per_partition_in_order_from_the_committed_offset(kafka_boo
 
     async def scenario() -> None:
         feed = InputFeed("t", kafka_bootstrap, group, [topic])
+        with pytest.raises(DeliveryFailed):
+            feed.commit_point([0])  # not read yet: no offset a transaction could commit for it
         await feed.assign({0, 1})
+        assert feed.commit_point([0, 1]) == {(topic, 0): 0, (topic, 1): 4}  # where each starts: log start, committed
         polled = await _poll_until(feed, 16)
         offsets = {p: [r.offset for b in polled if b.partition == p for r in b.records] for p in (0, 1)}
         assert offsets == {0: list(range(10)), 1: list(range(4, 10))}
+        for batch in polled:
+            feed.done(batch)
+        assert feed.commit_point([1]) == {(topic, 1): 10}
         values = [r.value for b in polled if b.partition == 1 for r in b.records]
         assert values == [b"b%d" % n for n in range(4, 10)]
         assert all(feed.current(b) for b in polled)

@@ -28,6 +28,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, TopicPartition
 
+from agents.errors import DeliveryFailed
+
 log = logging.getLogger(__name__)
 QUEUED_KB_PER_PARTITION = 4_096  # librdkafka prefetches up to this much per partition (its default: 64 MiB)
 
@@ -62,7 +64,7 @@ class InputFeed:
     and a poll never overlap: a poll's records and its epochs are of the same assignment."""
 
     def __init__(self, name: str, bootstrap: str, group: str, topics: Sequence[str], *, max_records: int = 2_000,
-                 within_s: float = 0.02, group_metadata: Callable[[], bytes | None] = lambda: None) -> None:  # fmt: skip
+                 within_s: float = 0.1, group_metadata: Callable[[], bytes | None] = lambda: None) -> None:  # fmt: skip
         """`group`: Faust's consumer group, whose committed offsets say where each partition starts.
         `group_metadata`: that group's member (Faust's consumer) and its generation as librdkafka takes them
         (transactional.group_metadata), None while it has none: a stage's transactions commit offsets as it."""
@@ -85,7 +87,6 @@ class InputFeed:
         self._applied: dict[tuple[str, int], int] = {}  # next offset, once the stage made the records durable
         self._committed: dict[tuple[str, int], int] = {}
         self._holds: dict[tuple[str, int], int] = {}  # offsets the stage still needs read again after a restart
-        self._starts: dict[tuple[str, int], int] = {}  # where the group had committed, when a partition was assigned
 
     async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
@@ -104,10 +105,12 @@ class InputFeed:
         committed = self._consumer.committed(wanted, timeout=30)
         starts = []
         for tp in committed:
-            if tp.offset >= 0:
-                self._starts[(tp.topic, tp.partition)] = tp.offset
-            offset = max(tp.offset, self._applied.get((tp.topic, tp.partition), OFFSET_INVALID))
-            starts.append(TopicPartition(tp.topic, tp.partition, offset if offset >= 0 else OFFSET_INVALID))
+            key = (tp.topic, tp.partition)
+            offset = max(tp.offset, self._applied.get(key, OFFSET_INVALID))
+            if offset < 0:  # never committed: the earliest record, as auto.offset.reset says
+                offset = self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=30)[0]
+            self._applied[key] = offset  # everything before it is durable: a transaction may commit it (commit_point)
+            starts.append(TopicPartition(tp.topic, tp.partition, offset))
         self._consumer.incremental_assign(starts)
         for p in partitions:
             self._epochs[p] += 1
@@ -145,12 +148,22 @@ class InputFeed:
     # -- reading ------------------------------------------------------------------------------------------------
 
     async def poll(self) -> list[Polled]:
-        """The next records: up to `max_records`, waiting at most `within_s` for them, by partition."""
+        """The next records, by partition: up to `max_records` of what has come; when nothing has, the first to come
+        within `within_s` and what came with it. A batch is what piled up while the stage was busy — a record is
+        never held back to fill one (librdkafka's `consume(n, timeout)` waits out the timeout for n records)."""
         return await self._call(self._poll)  # type: ignore[no-any-return]
+
+    def _consume(self) -> list[Any]:
+        messages = self._consumer.consume(self.max_records, 0)
+        if not messages:
+            messages = self._consumer.consume(1, self.within_s)
+            if messages and self.max_records > 1:
+                messages += self._consumer.consume(self.max_records - 1, 0)
+        return messages  # type: ignore[no-any-return]
 
     def _poll(self) -> list[Polled]:
         by_partition: dict[int, list[InputRecord]] = defaultdict(list)
-        for message in self._consumer.consume(self.max_records, self.within_s):
+        for message in self._consume():
             error = message.error()
             if error is not None:
                 if error.code() != KafkaError._PARTITION_EOF:
@@ -192,19 +205,16 @@ class InputFeed:
                 self._applied[key] = held
 
     def commit_point(self, partitions: Iterable[int]) -> dict[tuple[str, int], int]:
-        """Offsets of these partitions' inputs that are safe to commit now (what the stage made durable before, or
-        where the group had committed), for a transaction to commit as the group's member: that is what fences a
-        worker that lost its partitions (topology/runtime/transactional.py), so it is never empty — an input
-        never committed nor read yet is committed at 0, where it starts anyway."""
-        offsets, partitions = {}, sorted(partitions)
+        """Offsets of these partitions' inputs that are safe to commit now (what the stage made durable, from where
+        the partition started), for a transaction to commit as the group's member: that is what fences a worker
+        that lost its partitions (topology/runtime/transactional.py). DeliveryFailed for a partition this feed
+        does not read (yet): its stage must wait, not commit an offset it does not know."""
+        offsets = {}
         for partition in partitions:
+            if partition not in self._owned:
+                raise DeliveryFailed(f"{self.name}: partition {partition} is not assigned to its input feed (yet)")
             for topic in self.topics:
-                key = (topic, partition)
-                offset = self._applied.get(key, self._starts.get(key))
-                if offset is not None:
-                    offsets[key] = offset
-        if not offsets:
-            offsets[(self.topics[0], partitions[0] if partitions else 0)] = 0
+                offsets[(topic, partition)] = self._applied[(topic, partition)]
         return offsets
 
     def hold(self, topic: str, partition: int, offset: int | None) -> None:

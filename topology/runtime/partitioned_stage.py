@@ -54,14 +54,14 @@ from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.runtime.stage_cpu import spent_by
 from topology.runtime.stalls import RETRIED, PartitionHealth, until_done
 from topology.runtime.state_store import StateStore, Transaction
-from topology.runtime.transactional import TRANSACTION_TIMEOUT_MS, TransactionalWriter, transactional_id
+from topology.runtime.transactional import ABORT_SWEEP_MS, TRANSACTION_TIMEOUT_MS, TransactionalWriter, transactional_id
 
 log = logging.getLogger(__name__)
 OUTBOX = "o|"  # outbox records of an earlier version: o|0, o|1, ... (see the module docstring)
 OUTBOX_CHUNK_BYTES = 256_000  # outputs to the stage's partitions go out in records of at most about this much
 MEMOS_PER_RUN = 20_000  # memo tombstones per partition and transaction (≈ 1 MB): a backlog of them goes in steps
 MEMO_SWEEP_S = 10.0  # how often a stage drops memos past the horizon (agents/memo.py)
-SETTLE_TIMEOUT_S = TRANSACTION_TIMEOUT_MS / 1000 + 5  # a dead owner's open transaction is aborted by then
+SETTLE_TIMEOUT_S = (TRANSACTION_TIMEOUT_MS + ABORT_SWEEP_MS) / 1000 + 5  # a dead owner's open transaction is aborted by then
 
 
 @dataclass(frozen=True)
@@ -305,26 +305,30 @@ class PartitionedStage:
         async with AsyncExitStack() as locks:
             decided: list[tuple[Polled, Decision, StateStore]] = []
             for batch in sorted(batches, key=lambda b: b.partition):  # locks in one order: timers take one at a time
-                await locks.enter_async_context(self._lock(batch.partition))
+                lock = self._lock(batch.partition)
+                if batch.partition in self._stale or lock.locked():
+                    alone.append(batch)  # a catch-up (up to SETTLE_TIMEOUT_S) or a timer must not hold up the others
+                    continue
+                await locks.enter_async_context(lock)
                 if self.feed is not None and not self.feed.current(batch):
                     continue  # read before a rebalance: the partition's new assignment reads these again, in order
                 try:
                     store = await self._ready_store(batch.partition)
                     with spent_by(self.io.name):
                         decision = self.decide(batch.partition, store, batch.records)
-                except RETRIED:
+                except Exception:  # a wait, Kafka, or a bug: that partition is retried alone (stalls.until_done)
                     alone.append(batch)
                     continue
                 if decision.applied or decision.rebuilt:
                     decided.append((batch, decision, store))
             try:
                 await self._write_decided(decided)
-            except RETRIED as exc:
+            except Exception as exc:
                 log.info("%s: a cycle's transaction failed (%s); its %d partitions go on one by one", self.io.name,
                          exc, len(decided))  # fmt: skip
                 self._stale.update(batch.partition for batch, _, _ in decided)  # it may have committed: catch up
                 alone.extend(batch for batch, _, _ in decided)
-        for batch in alone:
+        for batch in sorted(alone, key=lambda b: b.partition):
             await self._take(batch)
 
     async def _write_decided(self, decided: Sequence[tuple[Polled, Decision, StateStore]]) -> None:
@@ -381,7 +385,7 @@ class PartitionedStage:
     async def _until_written(self, partition: int, process: Callable[[int, Any], Any], batch: Any) -> None:
         """Retry until Kafka takes it: giving up would let Faust commit inputs whose effects were lost. A partition
         that moved to another worker meanwhile is left to its new owner, which re-reads these inputs from the
-        committed offset (retrying here would only fight it for the changelog's transactional id)."""
+        committed offset (retrying here could only be refused: the group fences a past generation's transactions)."""
 
         async def attempt() -> None:
             async with self._lock(partition):
@@ -488,6 +492,9 @@ class PartitionedStage:
         """The stage's transactional producer (under `_writing`); a new one aborts what an earlier one of this
         worker (a broken producer, or the process before a restart) left open."""
         if self._writer is None or self._writer.broken:
+            if self._writer is not None:
+                writer, self._writer = self._writer, None
+                await asyncio.to_thread(writer.close)
             transactional = transactional_id(self.store_dir, self.io.state_topic)
             self._writer = await asyncio.to_thread(TransactionalWriter, self.bootstrap, transactional)
         return self._writer

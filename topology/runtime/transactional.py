@@ -33,7 +33,9 @@ from confluent_kafka import KafkaException, TopicPartition
 from agents.errors import DeliveryFailed
 from topology.runtime.producer import Record, producer_config
 
-TRANSACTION_TIMEOUT_MS = 10_000  # Kafka Streams' default too: how long a dead writer's open transaction blocks readers
+TRANSACTION_TIMEOUT_MS = 10_000  # Kafka Streams' default too: a dead writer's open transaction blocks readers this
+# long, plus up to the broker's sweep for timed-out transactions (transaction.abort.timed.out.transaction.cleanup.interval.ms, 10 s)
+ABORT_SWEEP_MS = 10_000
 
 
 def transactional_id(stage_dir: Path, state_topic: str) -> str:
@@ -100,10 +102,13 @@ class TransactionalWriter:
             positions = [TopicPartition(topic, partition, offset) for (topic, partition), offset in sorted(offsets.items())]
             if not positions:
                 raise DeliveryFailed(f"{changelog}: a transaction without input offsets would not be fenced by the group")
-            producer.send_offsets_to_transaction(positions, group, self.timeout_s)
+            # Every record on the log before the group takes the offsets: once it has (the generation was current),
+            # a new owner of these partitions, of a later generation, finds this transaction open on its changelog
+            # and waits for it (changelog_catch_up.wait_settled) instead of catching up past records still in flight.
             producer.flush(self.timeout_s)
             if errors:
                 raise DeliveryFailed(f"{changelog}: {errors[0]}")
+            producer.send_offsets_to_transaction(positions, group, self.timeout_s)
             producer.commit_transaction(self.timeout_s)
         except KafkaException as exc:
             error = exc.args[0]
