@@ -23,6 +23,7 @@ import pytest
 import requests
 
 from tests.support import WRITE_KEY, Pipeline, wait_until
+from topology.runtime.partitioning import partition_for
 
 ADMIN = "fuzz-admin"
 SEED = int(os.environ.get("CDP_FUZZ_SEED", "9"))
@@ -214,8 +215,14 @@ def running(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> I
     try:
         pipe.start("ingest")
         pipe.start("worker", CDP_ADMIN_TOKEN=ADMIN)
-        ready = f"http://127.0.0.1:{pipe.web_port}/v1/backfills"  # every partition of both stages answers
+        worker = f"http://127.0.0.1:{pipe.web_port}"
+        ready = f"{worker}/v1/backfills"  # every partition of compute answers
         wait_until(lambda: requests.get(ready, timeout=10).status_code == 200, timeout=90, what="the worker's views")
+        # ... and of identity: a profile id on each of its partitions (404: caught up, none such; 503: catching up)
+        ids = {partition_for(f"p{n}", pipe.partitions): f"p{n}" for n in range(200)}
+        assert len(ids) == pipe.partitions
+        wait_until(lambda: all(requests.get(f"{worker}/v1/profiles/{i}", timeout=10).status_code != 503 for i in ids.values()),
+                   timeout=90, what="identity's views")  # fmt: skip
         yield pipe
     finally:
         pipe.stop_all()
