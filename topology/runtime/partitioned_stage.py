@@ -31,109 +31,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 from confluent_kafka import KafkaException
 
 from agents.errors import DeliveryFailed, InvalidRecord
-from agents.state import Overlay, check_sizes
-from topology.codecs import AvroCodec
-from topology.runtime.dead_letters import DeadLetters
+from agents.state import Overlay
 from topology.runtime.input_feed import InputFeed, InputRecord, Polled, drive_cycles
 from topology.runtime.stage import Timer
 from topology.web.metrics import Metric
 from topology.runtime import memo_packs
 from topology.runtime.changelog_catch_up import catch_up, wait_settled
 from topology.runtime.partitioning import key_partition
-from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
+from topology.runtime.producer import AsyncProducer, Record
 from topology.runtime.stage_cpu import spent_by
 from topology.runtime.stalls import RETRIED, PartitionHealth, until_done
+from topology.runtime.stage_io import Decision, Output, Part, StageIO, check_outputs, outbox_chunks
 from topology.runtime.state_store import StateStore, Transaction
 from topology.runtime.transactional import ABORT_SWEEP_MS, TRANSACTION_TIMEOUT_MS, TransactionalWriter, transactional_id
 
 log = logging.getLogger(__name__)
 OUTBOX = "o|"  # outbox records of an earlier version: o|0, o|1, ... (see the module docstring)
-OUTBOX_CHUNK_BYTES = 256_000  # outputs to the stage's partitions go out in records of at most about this much
 MEMOS_PER_RUN = 20_000  # memo tombstones per partition and transaction (≈ 1 MB): a backlog of them goes in steps
 MEMO_SWEEP_S = 10.0  # how often a stage drops memos past the horizon (agents/memo.py)
 SETTLE_TIMEOUT_S = (TRANSACTION_TIMEOUT_MS + ABORT_SWEEP_MS) / 1000 + 5  # a dead owner's open transaction is aborted by then
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A part of an input record that failed and was settled by the stage's logic (e.g. one command of a `batch`
-    record): dead-lettered with its own bytes, the rest of the record goes on."""
-
-    error: BaseException
-    key: bytes | None
-    value: bytes | None
-
-
-@dataclass
-class Output:
-    """What one batch sends, inside the changelog's transaction (exactly once for read_committed readers):
-    `outbox` items (frozen dataclasses: `ToPartition` and what the stage adds) turned into records by the stage at
-    the end of the batch, so a partition's commands of the whole batch share one record; `atomic` records; and
-    `failed` parts of inputs to dead-letter."""
-
-    outbox: list[Any] = field(default_factory=list)
-    atomic: list[Record] = field(default_factory=list)
-    failed: list[Failure] = field(default_factory=list)
-    sealed: list[tuple[Any, bytes]] = field(default_factory=list)  # outbox items with their JSON, size-checked
-
-    def seal(self) -> None:
-        """Encode the outbox items not encoded yet, refusing one Kafka could not carry (InvalidRecord)."""
-        for item in self.outbox:
-            encoded = orjson.dumps(item)
-            if len(encoded) > MAX_RECORD_BYTES:
-                raise InvalidRecord(f"an output would be {len(encoded)} bytes; Kafka records hold at most {MAX_RECORD_BYTES}")
-            self.sealed.append((item, encoded))
-        self.outbox.clear()
-
-    def take(self, other: Output) -> None:
-        other.seal()
-        self.sealed.extend(other.sealed)
-        self.atomic.extend(other.atomic)
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What one batch decided (PartitionedStage.decide): to be made durable and sent by the stage."""
-
-    tx: Transaction
-    out: Output
-    letters: list[Record]
-    applied: int  # input records applied (the rest were applied before a crash)
-    rebuilt: int = 0  # of those applied before, how many rebuilt volatile records (`PartitionedStage.reapply`)
-
-
-@dataclass(frozen=True)
-class Part:
-    """One partition's share of a transaction: its state changes (`unlogged` ones stay local) and outputs."""
-
-    partition: int
-    store: StateStore
-    changes: dict[str, bytes | None]
-    out: Output = field(default_factory=Output)
-    unlogged: set[str] = field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class StageIO:
-    """Where a stage keeps its state and where its bad inputs go."""
-
-    name: str  # for logs, e.g. "identity"
-    inputs: Mapping[str, str]  # input topic -> its watermark mark
-    state_topic: str
-    state_codec: AvroCodec  # a record {"record": json}
-    dead_letters: DeadLetters
-    memos: tuple[str, ...] = ()  # kinds of per-event memo keys, deleted past the memo horizon (agents/memo.py)
-    volatile: tuple[str, ...] = ()  # key prefixes kept in memory only; the stage rebuilds them (`reapply`)
 
 
 class PartitionedStage:
@@ -431,7 +355,7 @@ class PartitionedStage:
                 raise InvalidRecord(f"its key {message.key!r:.80} does not belong to partition {partition}: every input is "
                                     "keyed by the owner of the state it changes, which lives at its key's partition")  # fmt: skip
             self.apply(mark, message, attempt, attempt_out)
-            _check_sizes(attempt, attempt_out)
+            check_outputs(attempt, attempt_out)
         except RETRIED:
             raise
         except Exception as exc:  # anything else is this record's fault (or a bug it hits): it alone is given up
@@ -446,7 +370,7 @@ class PartitionedStage:
         sent: list[list[Any]] = []
         for part in parts:
             part.out.seal()
-            chunks = [[item for item, _ in chunk] for chunk in _outbox_chunks(part.out.sealed)]
+            chunks = [[item for item, _ in chunk] for chunk in outbox_chunks(part.out.sealed)]
             with spent_by(self.io.name):
                 atomic += [*part.out.atomic, *(record for chunk in chunks for record in self.outbox_records(chunk))]
             sent += chunks
@@ -557,30 +481,3 @@ class PartitionedStage:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-def _check_sizes(tx: Overlay, out: Output) -> None:
-    """Refuse a record whose effects Kafka could never carry (it would stall the partition for good): a state record
-    or an output over MAX_RECORD_BYTES, e.g. a profile whose unique_list of 30 KB values keeps growing."""
-    check_sizes(tx, MAX_RECORD_BYTES)
-    for record in out.atomic:
-        if record.value is not None and len(record.value) > MAX_RECORD_BYTES:
-            raise InvalidRecord(f"an output to {record.topic} would be {len(record.value)} bytes; Kafka records hold at "
-                                f"most {MAX_RECORD_BYTES}")  # fmt: skip
-    out.seal()
-
-
-def _outbox_chunks(items: Sequence[tuple[Any, bytes]]) -> list[list[tuple[Any, bytes]]]:
-    """The outbox items in lists of bounded JSON size, so they are in the changelog before anything is sent."""
-    chunks: list[list[tuple[Any, bytes]]] = []
-    chunk: list[tuple[Any, bytes]] = []
-    size = 0
-    for item, encoded in items:
-        if size and size + len(encoded) > OUTBOX_CHUNK_BYTES:
-            chunks.append(chunk)
-            chunk, size = [], 0
-        chunk.append((item, encoded))
-        size += len(encoded)
-    if chunk:
-        chunks.append(chunk)
-    return chunks

@@ -50,7 +50,8 @@ from topology.topics import (
     IDENTITY_MERGES, PROFILE_CHANGES,
 )  # fmt: skip
 from topology.runtime.partition_reader import catch_up_consumer, read_range
-from topology.runtime.partitioned_stage import Failure, Output, PartitionedStage, StageIO
+from topology.runtime.partitioned_stage import PartitionedStage
+from topology.runtime.stage_io import Failure, Output, StageIO
 from topology.runtime.stage_commands import ToPartition, command_bytes, command_records, commands_of
 from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
 from topology.runtime.stalls import RETRIED

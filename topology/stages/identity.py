@@ -26,7 +26,8 @@ from agents.identity.records import CLAIMING, DONE, claiming_record, load_saga, 
 from agents.state import Overlay
 from topology.codecs import AvroCodec
 from topology.runtime.dead_letters import DeadLetters
-from topology.runtime.partitioned_stage import Failure, Output, PartitionedStage, StageIO
+from topology.runtime.partitioned_stage import PartitionedStage
+from topology.runtime.stage_io import Failure, Output, StageIO
 from topology.runtime.stage_commands import ToPartition, command_bytes, command_records, commands_of
 from topology.runtime.partitioning import key_partition, partition_for
 from topology.runtime.producer import MAX_RECORD_BYTES, AsyncProducer, Record
