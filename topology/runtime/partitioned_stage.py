@@ -36,6 +36,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import orjson
 from confluent_kafka import KafkaException
 
 from agents.errors import DeliveryFailed, InvalidRecord
@@ -43,9 +44,10 @@ from agents.state import Overlay
 from topology.runtime.input_feed import InputFeed, InputRecord, Polled, drive_cycles
 from topology.runtime.stage import Timer
 from topology.web.metrics import Metric
-from topology.runtime import memo_packs
+from topology.runtime import in_cycle, memo_packs
 from topology.runtime.changelog_catch_up import catch_up, wait_settled
-from topology.runtime.partitioning import key_partition
+from topology.runtime.partitioning import key_partition, partition_for
+from topology.runtime.stage_commands import ToPartition
 from topology.runtime.producer import AsyncProducer, Record
 from topology.runtime.stage_cpu import spent_by
 from topology.runtime.stalls import RETRIED, PartitionHealth, until_done
@@ -148,6 +150,15 @@ class PartitionedStage:
     def prepare(self, partition: int, tx: Transaction) -> None:
         """Called at the start of every batch and timer run, before any input (e.g. to notice new definitions)."""
 
+    def apply_command(self, command: Any, tx: Transaction, out: Output) -> None:
+        """Apply one command of the stage's commands topic (`StageIO.commands`) delivered within a poll cycle, as
+        `apply` applies each command of a record read from it; raises like `apply`."""
+        raise NotImplementedError
+
+    def command_value(self, command: Any) -> bytes | None:
+        """One command as a record of the commands topic would carry it (for its dead letter)."""
+        return None
+
     def reapply(self, mark: str, message: InputRecord, tx: Transaction, out: Output) -> bool:
         """An input read again that was applied before (its partition restarted below the watermark): rebuild what
         it left in volatile records, if anything; whether it did. Nothing by default; must not raise for a bad
@@ -223,11 +234,12 @@ class PartitionedStage:
 
     async def _cycle(self, batches: list[Polled]) -> None:
         """A poll's partitions decided one by one and made durable in one transaction (its cost to the broker is a
-        commit marker per partition it wrote, whatever the number of partitions it serves). A partition that can't
-        join it — it waits (RETRIED), or the transaction fails — goes on alone, retried until written (`_take`)."""
+        commit marker per partition it wrote, whatever the number of partitions it serves); commands between them
+        are delivered in memory (`_deliver_in_cycle`). A partition that can't join it — it waits (RETRIED), or the
+        transaction fails — goes on alone, retried until written (`_take`)."""
         alone: list[Polled] = []
         async with AsyncExitStack() as locks:
-            decided: list[tuple[Polled, Decision, StateStore]] = []
+            decided: dict[int, tuple[Polled | None, Decision, StateStore]] = {}
             for batch in sorted(batches, key=lambda b: b.partition):  # locks in one order: timers take one at a time
                 lock = self._lock(batch.partition)
                 if batch.partition in self._stale or lock.locked():
@@ -243,29 +255,83 @@ class PartitionedStage:
                 except Exception:  # a wait, Kafka, or a bug: that partition is retried alone (stalls.until_done)
                     alone.append(batch)
                     continue
-                if decision.applied or decision.rebuilt:
-                    decided.append((batch, decision, store))
+                decided[batch.partition] = (batch, decision, store)
+            received = await self._deliver_in_cycle(decided, locks) if self.io.commands is not None else set()
+            parts = [(p, b, d, s) for p, (b, d, s) in sorted(decided.items()) if d.applied or d.rebuilt or p in received]
             try:
-                await self._write_decided(decided)
+                await self._write_decided(parts)
             except Exception as exc:
                 log.info("%s: a cycle's transaction failed (%s); its %d partitions go on one by one", self.io.name,
-                         exc, len(decided))  # fmt: skip
-                self._stale.update(batch.partition for batch, _, _ in decided)  # it may have committed: catch up
-                alone.extend(batch for batch, _, _ in decided)
+                         exc, len(parts))  # fmt: skip
+                self._stale.update(p for p, _, _, _ in parts)  # it may have committed: catch up
+                alone.extend(batch for _, batch, _, _ in parts if batch is not None)
         for batch in sorted(alone, key=lambda b: b.partition):
             await self._take(batch)
 
-    async def _write_decided(self, decided: Sequence[tuple[Polled, Decision, StateStore]]) -> None:
+    async def _deliver_in_cycle(self, decided: dict[int, tuple[Polled | None, Decision, StateStore]],
+                                locks: AsyncExitStack) -> set[int]:  # fmt: skip
+        """Deliver the cycle's commands to partitions in the same transaction (topology/runtime/in_cycle.py): those
+        of the poll, and any other this worker reads and has ready whose lock is free (taken now, in partition
+        order, so a timer waits for the cycle instead of running beside it). The partitions that received any."""
+        free = [p for p in sorted(self._assigned - decided.keys()) if p not in self._stale and p in self._stores
+                and (self.feed is None or p in self.feed.owned()) and not self._lock(p).locked()]  # fmt: skip
+        for partition in free:
+            await locks.enter_async_context(self._lock(partition))
+        joinable = set(free)
+        decisions = {p: decision for p, (_, decision, _) in decided.items()}
+        received: set[int] = set()
+
+        def join(partition: int) -> Decision | None:
+            if partition not in joinable:
+                return None
+            store = self._stores[partition]
+            decided[partition] = (None, self.decide(partition, store, []), store)
+            return decided[partition][1]
+
+        def take(partition: int, entry: tuple[Any, bytes], decision: Decision) -> bool:
+            received.add(partition)
+            return self._take_command(partition, entry, decision)
+
+        with spent_by(self.io.name):
+            in_cycle.deliver(decisions, self._command_target, join, take)
+        return received
+
+    def _command_target(self, item: Any) -> int | None:
+        return partition_for(item.key, self.partitions) if isinstance(item, ToPartition) else None
+
+    def _take_command(self, partition: int, entry: tuple[Any, bytes], decision: Decision) -> bool:
+        """One command delivered within the cycle, all or nothing like an input record (`_apply_one`); False if it
+        must wait (RETRIED): it goes out on Kafka instead. One that fails is dead-lettered (offset -1: it was never
+        on the topic)."""
+        item, encoded = entry
+        command = orjson.loads(encoded)["command"]  # what the receiver would have decoded: a copy of its own
+        attempt, attempt_out = Overlay(decision.tx), Output()
+        where = {"topic": self.io.commands or "", "partition": partition, "offset": -1}
+        try:
+            self.apply_command(command, attempt, attempt_out)
+            check_outputs(attempt, attempt_out)
+        except RETRIED:
+            return False
+        except Exception as exc:
+            decision.letters.append(self.io.dead_letters.record(exc, key=item.key.encode(), value=self.command_value(command), **where))
+            return True
+        attempt.commit()
+        decision.out.take(attempt_out)
+        decision.letters.extend(self.io.dead_letters.record(f.error, key=f.key or item.key.encode(), value=f.value, **where)
+                                for f in attempt_out.failed)  # fmt: skip
+        return True
+
+    async def _write_decided(self, decided: Sequence[tuple[int, Polled | None, Decision, StateStore]]) -> None:
         if not decided:
             return
-        letters = [letter for _, decision, _ in decided for letter in decision.letters]
+        letters = [letter for _, _, decision, _ in decided for letter in decision.letters]
         if letters:  # at-least-once, before the changelog: a crash may write one twice, never lose one
             await self._producer().write_all(letters)
             self.dead_lettered += len(letters)
-        await self._finish([Part(batch.partition, store, decision.tx.changes, decision.out, decision.tx.unlogged)
-                            for batch, decision, store in decided])  # fmt: skip
-        for batch, _, store in decided:
-            self.committed(batch.partition, store)
+        await self._finish([Part(partition, store, decision.tx.changes, decision.out, decision.tx.unlogged)
+                            for partition, _, decision, store in decided])  # fmt: skip
+        for partition, _, _, store in decided:
+            self.committed(partition, store)
 
     async def _take(self, polled: Polled) -> None:
         await self._until_written(polled.partition, self._process, polled)
@@ -326,7 +392,7 @@ class PartitionedStage:
             decision = self.decide(partition, store, polled.records)
         if not decision.applied and not decision.rebuilt:
             return
-        await self._write_decided([(polled, decision, store)])
+        await self._write_decided([(partition, polled, decision, store)])
 
     def decide(self, partition: int, store: StateStore, records: Sequence[InputRecord]) -> Decision:
         """What a batch of a partition's input records decides, before anything is written: the state changes, the
@@ -391,7 +457,7 @@ class PartitionedStage:
             with spent_by(self.io.name):
                 logged, markers = memo_packs.split(part.changes, self.io.memos, part.unlogged)
                 records += [(part.partition, key.encode(), None if value is None else encode(value))
-                            for key, value in logged.items() if not part.store.is_volatile(key)]  # fmt: skip
+                            for key, value in logged.items() if part.store.logs(key, value)]  # fmt: skip
             applied.append((part, {**part.changes, **markers} if markers else part.changes))
         feed = self.feed
         group = None if feed is None else feed.group_metadata()

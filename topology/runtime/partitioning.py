@@ -30,15 +30,15 @@ def murmur2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
-@functools.lru_cache(maxsize=262_144)
 def partition_for(key: str, partitions: int) -> int:
     """The partition Kafka's default partitioner (murmur2, as Faust's and ours) gives a raw string key.
 
-    Cached: murmur2 is pure Python, and keys repeat."""
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+    Through `key_partition`'s cache of wire keys: a stage checks every input's key there, so the keys it then
+    sends to (an identity saga's answers go to its event's messageId) are mostly found."""
+    return key_partition(key.encode(), partitions)
 
 
 @functools.lru_cache(maxsize=262_144)
 def key_partition(key: bytes, partitions: int) -> int:
-    """`partition_for` of a key as it came off the wire."""
+    """`partition_for` of a key as it came off the wire. Cached: murmur2 is pure Python, and keys repeat."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions

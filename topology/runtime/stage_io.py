@@ -90,6 +90,7 @@ class StageIO:
     dead_letters: DeadLetters
     memos: tuple[str, ...] = ()  # kinds of per-event memo keys, deleted past the memo horizon (agents/memo.py)
     volatile: tuple[str, ...] = ()  # key prefixes kept in memory only; the stage rebuilds them (`reapply`)
+    commands: str | None = None  # the input topic carrying commands between the stage's partitions (`apply_command`)
 
 
 

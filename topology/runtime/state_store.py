@@ -52,6 +52,14 @@ class StateStore:
     def is_volatile(self, key: str) -> bool:
         return bool(self.volatile) and key.startswith(self.volatile)
 
+    def logs(self, key: str, value: bytes | None) -> bool:
+        """Whether a change goes to the changelog: not a volatile record's, and not the tombstone of a record the
+        store (so the changelog, which it mirrors) does not hold — one written and deleted within a transaction
+        (an identity saga that finished in the poll cycle it started in) leaves no trace."""
+        if self.volatile and key.startswith(self.volatile):
+            return False
+        return value is not None or self._db.get(key.encode()) is not None
+
     def in_memory(self, key: str) -> bool:
         return key in self._memory
 

@@ -94,6 +94,7 @@ class ComputeCounters:
     duplicates: int = 0
     merges: int = 0
     commands: int = 0
+    in_cycle: int = 0  # of those, delivered within the poll cycle that sent them (no Kafka record)
     trait_changes: int = 0
     membership_changes: int = 0
     expired: int = 0
@@ -124,7 +125,7 @@ class ComputeStage(PartitionedStage):
             name="compute", inputs={topics.resolved: "resolved", topics.merges: "merges", topics.commands: "commands"},
             state_topic=topics.state, state_codec=codecs.state,
             dead_letters=DeadLetters("compute", topics.dead_letter, codecs.dead_letter),
-            memos=SEEN_MEMOS,
+            memos=SEEN_MEMOS, commands=topics.commands,
         )  # fmt: skip
         super().__init__(io=io, partitions=partitions, store_dir=store_dir, bootstrap=bootstrap, producer=producer,
                          memo_horizon_ms=memo_horizon_ms)  # fmt: skip
@@ -170,6 +171,20 @@ class ComputeStage(PartitionedStage):
                 out.failed.append(Failure(error, message.key, command_bytes(self.codecs.command, command)))
             self._counters.failed += len(changes.failed)
         self._emit(changes, out)
+
+    def apply_command(self, command: Any, tx: Transaction, out: Output) -> None:
+        """A command delivered within the poll cycle (topology/runtime/in_cycle.py), as one read from the topic."""
+        changes = Changes()
+        self._counters.commands += 1
+        self._counters.in_cycle += 1
+        self.engine.apply(command, tx, changes, self.now())  # DefinitionsBehind (a Waiting): it goes through Kafka
+        for failed, error in changes.failed:
+            out.failed.append(Failure(error, None, command_bytes(self.codecs.command, failed)))
+        self._counters.failed += len(changes.failed)
+        self._emit(changes, out)
+
+    def command_value(self, command: Any) -> bytes | None:
+        return command_bytes(self.codecs.command, command)
 
     def decode_resolved(self, value: bytes | None) -> ResolvedEvent:
         """The stage's decode step for cdp.events.resolved: a ResolvedEvent whose event is a RawEvent as the ingest

@@ -44,7 +44,9 @@ HELD_MAX_S = 60.0  # a durable saga holds cdp.events.raw's committed offset (the
 # 2.0 to 0.9 KB per event, but are off: a saga lost in a restart is started again under the identity rules of the
 # restarted worker, and if those changed (a blocked value, a limit, a priority, a custom path) an identifier the
 # lost saga claimed fresh may point at a profile nobody creates, which later events of it wait on for ever. On
-# again once the rules a lost saga was started under are kept with the partition's state.
+# again once the rules a lost saga was started under are kept with the partition's state. Since commands within a
+# poll cycle are delivered in memory (topology/runtime/in_cycle.py), a saga that finishes in its cycle never reaches
+# the changelog anyway: this would only spare the sagas that outlive their cycle.
 CLAIMS_IN_MEMORY = False
 
 
@@ -85,6 +87,7 @@ class IdentityCounters:
     events: int = 0
     resolved: int = 0
     commands: int = 0
+    in_cycle: int = 0  # of those, delivered within the poll cycle that sent them (no Kafka record)
     merged: int = 0
     refused: int = 0
     demoted: int = 0
@@ -116,7 +119,7 @@ class IdentityStage(PartitionedStage):
         io = StageIO(
             name="identity", inputs={topics.raw: "raw", topics.commands: "commands"}, state_topic=topics.state,
             state_codec=codecs.state, dead_letters=DeadLetters("identity", topics.dead_letter, codecs.dead_letter),
-            memos=(DONE,), volatile=(CLAIMING,) if claims_in_memory else (),
+            memos=(DONE,), volatile=(CLAIMING,) if claims_in_memory else (), commands=topics.commands,
         )  # fmt: skip
         super().__init__(io=io, partitions=partitions, store_dir=store_dir, bootstrap=bootstrap, producer=producer,
                          memo_horizon_ms=memo_horizon_ms)  # fmt: skip
@@ -143,8 +146,23 @@ class IdentityStage(PartitionedStage):
             for command in self.decode_commands(message.value):
                 self._counters.commands += 1
                 self.protocol.apply(command, tx, outputs)
+        self._settled(outputs, message.key, out)
+
+    def apply_command(self, command: Any, tx: Transaction, out: Output) -> None:
+        """A command delivered within the poll cycle (topology/runtime/in_cycle.py), as one read from the topic."""
+        self._counters.commands += 1
+        self._counters.in_cycle += 1
+        outputs = Outputs()
+        self.protocol.apply(command, tx, outputs)
+        self._settled(outputs, None, out)
+
+    def command_value(self, command: Any) -> bytes | None:
+        return command_bytes(self.codecs.command, command)
+
+    def _settled(self, outputs: Outputs, key: bytes | None, out: Output) -> None:
+        """What one input left: its failed commands (settled) to dead-letter, the rest to send."""
         for command, error in outputs.failed:
-            out.failed.append(Failure(error, message.key, command_bytes(self.codecs.command, command)))
+            out.failed.append(Failure(error, key, command_bytes(self.codecs.command, command)))
         for command, error in outputs.unsettled:
             log.error("identity: a failed %s command could not be settled either (%r); its saga may wait: %.300s",
                       command.get("kind") if isinstance(command, dict) else command, error, command)  # fmt: skip
