@@ -153,7 +153,7 @@ class IdentityStage(PartitionedStage):
         self._counters.commands += 1
         self._counters.in_cycle += 1
         outputs = Outputs()
-        self.protocol.apply(command, tx, outputs)
+        self.protocol.apply(command, tx, outputs, trusted=True)
         self._settled(outputs, None, out)
 
     def command_value(self, command: Any) -> bytes | None:
