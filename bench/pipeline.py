@@ -136,6 +136,10 @@ def scrape(url: str) -> dict[str, dict[str, float]]:
             found["transactions"][labels["stage"]] = value
         elif name == "cdp_gc_seconds_total":
             found["gc"][labels["generation"]] = value
+        elif name == "cdp_gc_longest_seconds":
+            found["gc_longest"][labels["generation"]] = value
+        elif name in ("cdp_cycles_total", "cdp_cycles_slow_total", "cdp_cycle_longest_seconds"):
+            found[name.removeprefix("cdp_")][labels["stage"]] = value
         elif name == "cdp_consumer_lag":
             found["lag"][f"{labels['topic']}/{labels['partition']}"] = value
     return found

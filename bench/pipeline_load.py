@@ -37,7 +37,7 @@ def latency(shared: Settings, rate: float, seconds: float) -> dict[str, Any]:
     config["audiences"].append(LATENCY_AUDIENCE)
     with bench_pipeline(shared, config) as bench:
         prefix = bench.settings.topics.prefix
-        with settled_workers(bench, 1):
+        with settled_workers(bench, 1) as (urls, _):
             collector = Collector(bench.settings)
             collector.start()
             try:
@@ -45,15 +45,23 @@ def latency(shared: Settings, rate: float, seconds: float) -> dict[str, Any]:
                 codec = AvroCodec("raw_event", SchemaRepository.load())
                 calls = [{"type": "track", "userId": f"{prefix}-u{i}", "messageId": f"{prefix}-m{i}", "event": "Order Completed",
                           "properties": {"revenue": 20.0, "currency": "USD"}} for i in range(count)]  # fmt: skip
+                before = scrape(urls[0])
                 sent = steady(bench.settings, codec, calls, rate)
                 collector.wait_for(prefix, count, timeout=seconds + 300, stall=60)
                 entries = collector.entered(prefix)
+                figures = scrape(urls[0])
             finally:
                 collector.stopping.set()
                 collector.join(10)
     latencies = [received - sent[message_id] for message_id, (received, _, _) in entries.items() if message_id in sent]
+    def during(metric: str) -> dict[str, float]:
+        return {k: v - before.get(metric, {}).get(k, 0) for k, v in figures.get(metric, {}).items()}
+
+    pauses = {"cycles": during("cycles_total"), "cycles_over_250ms": during("cycles_slow_total"),
+              "gc_longest_ms_since_start": {g: round(s * 1000, 1) for g, s in figures.get("gc_longest", {}).items()},
+              "longest_cycle_ms_since_start": {k: round(s * 1000, 1) for k, s in figures.get("cycle_longest_seconds", {}).items()}}  # fmt: skip
     return {"offered_events_per_s": rate, "seconds": seconds, "events": count, "entered_received": len(entries),
-            "latency_ms": summary(latencies) if latencies else None}  # fmt: skip
+            "latency_ms": summary(latencies) if latencies else None, "worker": pauses}  # fmt: skip
 
 
 def steady(settings: Settings, codec: AvroCodec, calls: Sequence[dict[str, Any]], rate: float) -> dict[str, float]:

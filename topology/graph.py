@@ -137,7 +137,7 @@ def build(settings: Settings) -> Graph:
                         lag.add(max(highwater - applied, 0), stage=stage.name, topic=topic, partition=str(partition))
         skipped = Metric("cdp_definitions_skipped_total", "counter", "records of the definitions topic that were not definitions")
         return merged([lag, *(metric for stage in stages for metric in stage.metrics()), skipped.add(definitions.skipped),
-                       *blocked_metrics(healths), stage_cpu(), gc_seconds(), process_cpu()])  # fmt: skip
+                       *blocked_metrics(healths), stage_cpu(), *gc_seconds(), process_cpu()])  # fmt: skip
 
     _serve(app, settings, graph, producer, metrics)
 

@@ -6,7 +6,8 @@ one scanning every tracked object that survived before) took 11 % of a worker's 
 frees nearly all of it; the collector is only there for cycles. So: young collections every `YOUNG` net
 allocations, and after start-up everything alive then (modules, Faust's app, schemas, definitions) is moved
 to the permanent generation (`gc.freeze()`) so full collections stop re-scanning it. `cdp_gc_seconds_total`
-shows what the collector still costs.
+shows what the collector still costs, `cdp_gc_longest_seconds` its longest pause (every stage of the worker
+waits it out: an event's latency).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ YOUNG = 50_000  # net allocations between young collections (CPython: 700)
 OLDER = (20, 20)  # young collections per middle one, middle per full one (CPython: 10, 10)
 
 _spent = [0.0, 0.0, 0.0]
+_longest = [0.0, 0.0, 0.0]  # the longest single collection per generation: a pause every stage waits out
 _started = [0.0]
 
 
@@ -28,7 +30,9 @@ def _account(phase: str, info: dict[str, Any]) -> None:
     if phase == "start":
         _started[0] = time.perf_counter()
     else:
-        _spent[info["generation"]] += time.perf_counter() - _started[0]
+        took = time.perf_counter() - _started[0]
+        _spent[info["generation"]] += took
+        _longest[info["generation"]] = max(_longest[info["generation"]], took)
 
 
 def tune() -> None:
@@ -44,8 +48,10 @@ def freeze_start_up() -> None:
     gc.freeze()
 
 
-def gc_seconds() -> Metric:
+def gc_seconds() -> list[Metric]:
     metric = Metric("cdp_gc_seconds_total", "counter", "wall seconds the garbage collector ran, by generation")
+    longest = Metric("cdp_gc_longest_seconds", "gauge", "the longest single collection since start, by generation")
     for generation, seconds in enumerate(_spent):
         metric.add(seconds, generation=str(generation))
-    return metric
+        longest.add(_longest[generation], generation=str(generation))
+    return [metric, longest]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from typing import Any
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, TopicPartition
 
 from agents.errors import DeliveryFailed
+from topology.runtime.stage_cpu import CycleTimes
 
 log = logging.getLogger(__name__)
 QUEUED_KB_PER_PARTITION = 4_096  # librdkafka prefetches up to this much per partition (its default: 64 MiB)
@@ -241,19 +243,19 @@ class InputFeed:
         self._thread.shutdown(wait=False)
 
 
-async def drive(feed: InputFeed, process: Callable[[Polled], Awaitable[None]]) -> None:
+async def drive(feed: InputFeed, process: Callable[[Polled], Awaitable[None]], cycles: CycleTimes | None = None) -> None:
     """Poll and process for ever: each poll's partitions side by side (they are independent), the next poll once
-    all are durable. `process` retries until its batch is durable or no longer wanted; it never raises."""
-    while True:
-        polled = await feed.poll()
-        if not polled:
-            continue
-        await asyncio.gather(*(process(batch) for batch in polled if batch.records))
-        for batch in polled:
-            feed.done(batch)
+    all are durable. `process` retries until its batch is durable or no longer wanted; it never raises. `cycles`
+    takes each poll's processing time."""
+
+    async def together(batches: list[Polled]) -> None:
+        await asyncio.gather(*(process(batch) for batch in batches))
+
+    await drive_cycles(feed, together, cycles)
 
 
-async def drive_cycles(feed: InputFeed, process: Callable[[list[Polled]], Awaitable[None]]) -> None:
+async def drive_cycles(feed: InputFeed, process: Callable[[list[Polled]], Awaitable[None]],
+                       cycles: CycleTimes | None = None) -> None:  # fmt: skip
     """`drive`, with each poll's partitions handed to `process` together (a stage that commits them in one
     transaction); `process` never raises."""
     while True:
@@ -262,7 +264,10 @@ async def drive_cycles(feed: InputFeed, process: Callable[[list[Polled]], Awaita
             continue
         batches = [batch for batch in polled if batch.records]
         if batches:
+            started = time.perf_counter()
             await process(batches)
+            if cycles is not None:
+                cycles.add(time.perf_counter() - started)
         for batch in polled:
             feed.done(batch)
 

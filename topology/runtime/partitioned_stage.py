@@ -49,7 +49,7 @@ from topology.runtime.changelog_catch_up import catch_up, wait_settled
 from topology.runtime.partitioning import key_partition, partition_for
 from topology.runtime.stage_commands import ToPartition
 from topology.runtime.producer import AsyncProducer, Record
-from topology.runtime.stage_cpu import spent_by
+from topology.runtime.stage_cpu import CycleTimes, spent_by
 from topology.runtime.stalls import RETRIED, PartitionHealth, until_done
 from topology.runtime.stage_io import Decision, Output, Part, StageIO, check_outputs, outbox_chunks
 from topology.runtime.state_store import StateStore, Transaction
@@ -82,6 +82,7 @@ class PartitionedStage:
         self.memo_horizon_ms = memo_horizon_ms
         self.memos_expired = 0
         self.transactions = 0  # Kafka transactions committed: each costs the broker a marker per partition it touched
+        self.cycles = CycleTimes()
         self.dead_lettered = 0
         self.caught_up = 0
         self.health = PartitionHealth(io.name)
@@ -118,7 +119,8 @@ class PartitionedStage:
             work.add(count, what=name)
         memos = Metric("cdp_memos_expired_total", "counter", "per-event memo keys deleted past the memo horizon")
         transactions = Metric("cdp_transactions_total", "counter", "Kafka transactions committed (one per poll cycle, and per timer run)")
-        return [work, memos.add(self.memos_expired, stage=self.name), transactions.add(self.transactions, stage=self.name)]
+        return [work, memos.add(self.memos_expired, stage=self.name), transactions.add(self.transactions, stage=self.name),
+                *self.cycles.metrics(self.name)]
 
     @property
     def counters(self) -> Any:
@@ -230,7 +232,7 @@ class PartitionedStage:
     async def run(self, feed: InputFeed) -> None:
         """Read the stage's inputs for ever: batches of records from every input, each partition's in offset order."""
         self.feed = feed
-        await drive_cycles(feed, self._cycle)
+        await drive_cycles(feed, self._cycle, self.cycles)
 
     async def _cycle(self, batches: list[Polled]) -> None:
         """A poll's partitions decided one by one and made durable in one transaction (its cost to the broker is a

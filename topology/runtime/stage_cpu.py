@@ -34,3 +34,28 @@ def stage_cpu() -> Metric:
     for stage, seconds in sorted(_spent.items()):
         metric.add(seconds, stage=stage)
     return metric
+
+
+class CycleTimes:
+    """Wall time of a stage's poll cycles (decide, deliver, one transaction): an event waits for the cycle in
+    progress and then its own at every stage, so these bound its latency. On /metrics as the cycles' count, their
+    total seconds, how many took longer than SLOW_S and the longest since start."""
+
+    SLOW_S = 0.25
+
+    def __init__(self) -> None:
+        self.count, self.seconds, self.slow, self.longest = 0, 0.0, 0, 0.0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.seconds += seconds
+        self.slow += seconds > self.SLOW_S
+        self.longest = max(self.longest, seconds)
+
+    def metrics(self, stage: str) -> list[Metric]:
+        return [
+            Metric("cdp_cycles_total", "counter", "poll cycles a stage ran").add(self.count, stage=stage),
+            Metric("cdp_cycle_seconds_total", "counter", "wall seconds of a stage's poll cycles").add(self.seconds, stage=stage),
+            Metric("cdp_cycles_slow_total", "counter", f"poll cycles longer than {self.SLOW_S} s").add(self.slow, stage=stage),
+            Metric("cdp_cycle_longest_seconds", "gauge", "a stage's longest poll cycle since start").add(self.longest, stage=stage),
+        ]

@@ -35,6 +35,7 @@ from topology.codecs import AvroCodec
 from topology.runtime.dead_letters import DeadLetters
 from topology.runtime.input_feed import InputFeed, InputRecord, Polled, drive
 from topology.runtime.stage import Timer
+from topology.runtime.stage_cpu import CycleTimes
 from topology.spec import StageSpec, Wiring
 from topology.topics import EVENTS_ACCEPTED, EVENTS_DEAD_LETTER, EVENTS_RAW
 from topology.web.metrics import Metric
@@ -82,6 +83,7 @@ class DedupStage:
         self.codec, self.dead_letters = codec, DeadLetters("dedup", dead_letter_topic, dead_letter_codec)
         self.window_ms = window_ms
         self.store_dir = store_dir
+        self.cycles = CycleTimes()
         self.bootstrap = bootstrap
         self._producer = producer
         self.counters = DedupCounters()
@@ -113,7 +115,7 @@ class DedupStage:
         events.add(counters.passed, outcome="passed").add(counters.duplicates, outcome="duplicate")
         events.add(counters.dead_lettered, outcome="dead_lettered")
         caught_up = Metric("cdp_dedup_caught_up_total", "counter", "sightings read back from the raw topic")
-        return [events, caught_up.add(counters.caught_up)]
+        return [events, caught_up.add(counters.caught_up), *self.cycles.metrics("dedup")]
 
     async def on_partitions_revoked(self, partitions: set[int]) -> None:
         """Whoever gets these next may write to raw: if they come back, catch up first (and free the DB now)."""
@@ -127,7 +129,7 @@ class DedupStage:
     async def run(self, feed: InputFeed) -> None:
         """Read events.accepted for ever: batches, each partition's in offset order."""
         self.feed = feed
-        await drive(feed, self._process_until_written)
+        await drive(feed, self._process_until_written, self.cycles)
 
     async def _process_until_written(self, polled: Polled) -> None:
         """Retry a batch until Kafka takes it: giving up would let its offsets be committed with outputs lost."""
