@@ -48,6 +48,16 @@ class Overlay:
             return None if value is None else orjson.loads(value)
         return self.base.get(key)
 
+    def raw(self, key: str) -> bytes | None:
+        """The record's JSON as kept (nothing decoded), for a caller that caches what it derives from it."""
+        if key in self.changes:
+            return self.changes[key]
+        base_raw = getattr(self.base, "raw", None)
+        if base_raw is not None:
+            return base_raw(key)  # type: ignore[no-any-return]
+        value = self.base.get(key)
+        return None if value is None else orjson.dumps(value)
+
     def put(self, key: str, value: Record) -> None:
         self.changes[key] = orjson.dumps(value)
 

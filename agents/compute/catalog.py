@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
@@ -93,6 +93,11 @@ class Catalog:
         """Each event leaf of an audience (by identity: the catalog holds them) -> its counter key, hashed once."""
         return MappingProxyType({id(leaf): counter_key(leaf) for audience in self.audiences.values()
                                  for _, leaf in leaves(audience.when, "when") if _leaf_kind(leaf) == "event"})  # fmt: skip
+
+    @cached_property
+    def tests(self) -> Mapping[str, Test]:
+        """Each audience's `when`, compiled once (compile_condition)."""
+        return MappingProxyType({key: compile_condition(audience.when, self.counter_keys) for key, audience in self.audiences.items()})
 
     def with_definition(self, kind: str, raw: Any) -> Catalog:
         """A new catalog with `raw` added (or replacing the one with its key, in place), re-checked as a whole: what
@@ -294,32 +299,60 @@ def _reads_identify(catalog: Catalog, audience_key: str) -> bool:
     return False
 
 
+Test = Callable[[Mapping[str, Any], Mapping[str, Any], Mapping[str, int], Mapping[str, bool]], bool]
+
+
 def evaluate(condition: Mapping[str, Any], *, traits: Mapping[str, Any], identify: Mapping[str, Any],
              counters: Mapping[str, int], memberships: Mapping[str, bool],
              counter_keys: Mapping[int, str] = MappingProxyType({})) -> bool:  # fmt: skip
     """A checked `when` on one profile's values: computed traits by key (missing: None), identify traits (nested),
     counter values by counter_key (missing: 0), memberships of audiences evaluated before (missing: False).
-    `counter_keys`: the catalog's counter key of each leaf, so they are not hashed again per evaluation."""
+    `counter_keys`: the catalog's counter key of each leaf, so they are not hashed again. The engine evaluates an
+    audience's `compile_condition` (`Catalog.tests`) instead: the same, without reading the tree each time."""
+    return compile_condition(condition, counter_keys)(traits, identify, counters, memberships)
 
-    def holds(node: Mapping[str, Any]) -> bool:
-        if "all" in node:
-            return all(holds(part) for part in node["all"])
-        if "any" in node:
-            return any(holds(part) for part in node["any"])
-        if "not" in node:
-            return not holds(node["not"])
-        kind = _leaf_kind(node)
-        if kind == "audience":
-            return bool(memberships.get(node["audience"], False))
-        if kind == "event":
-            ((op, expected),) = node.get("count", AT_LEAST_ONCE).items()
-            return compare(op, counters.get(counter_keys.get(id(node)) or counter_key(node), 0), expected)
-        name = node["trait"]
-        actual = read_path(identify, name[len(IDENTIFY):]) if name.startswith(IDENTIFY) else traits.get(name)
-        op, expected = next((k, v) for k, v in node.items() if k != "trait")
-        return compare(op, actual, expected)
 
-    return holds(condition)
+def compile_condition(node: Mapping[str, Any], counter_keys: Mapping[int, str] = MappingProxyType({})) -> Test:
+    """A checked `when` as nested functions of (traits, identify, counters, memberships), built once per definition:
+    with 50 definitions, walking the tree per evaluation (key tests, the leaf's kind, its operator) was a quarter of
+    compute's CPU."""
+    if "all" in node:
+        every = tuple(compile_condition(part, counter_keys) for part in node["all"])
+
+        def all_of(t: Mapping[str, Any], i: Mapping[str, Any], c: Mapping[str, int], m: Mapping[str, bool]) -> bool:
+            for part in every:
+                if not part(t, i, c, m):
+                    return False
+            return True
+
+        return all_of
+    if "any" in node:
+        some = tuple(compile_condition(part, counter_keys) for part in node["any"])
+
+        def any_of(t: Mapping[str, Any], i: Mapping[str, Any], c: Mapping[str, int], m: Mapping[str, bool]) -> bool:
+            for part in some:
+                if part(t, i, c, m):
+                    return True
+            return False
+
+        return any_of
+    if "not" in node:
+        inner = compile_condition(node["not"], counter_keys)
+        return lambda t, i, c, m: not inner(t, i, c, m)
+    kind = _leaf_kind(node)
+    if kind == "audience":
+        audience = node["audience"]
+        return lambda t, i, c, m: bool(m.get(audience, False))
+    if kind == "event":
+        ((op, expected),) = node.get("count", AT_LEAST_ONCE).items()
+        key = counter_keys.get(id(node)) or counter_key(node)
+        return lambda t, i, c, m: compare(op, c.get(key, 0), expected)
+    name = node["trait"]
+    op, expected = next((k, v) for k, v in node.items() if k != "trait")
+    if name.startswith(IDENTIFY):
+        path = name[len(IDENTIFY):]
+        return lambda t, i, c, m: compare(op, read_path(i, path), expected)
+    return lambda t, i, c, m: compare(op, t.get(name), expected)
 
 
 def _leaf_kind(leaf: Mapping[str, Any]) -> str | None:
@@ -330,5 +363,5 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-__all__ = ["AudienceDefinition", "Catalog", "build_catalog", "counter_definition", "counter_key", "evaluate",
+__all__ = ["AudienceDefinition", "Catalog", "build_catalog", "compile_condition", "counter_definition", "counter_key", "evaluate",
            "parse_audience", "requirements"]  # fmt: skip

@@ -39,6 +39,7 @@ Pure: no I/O; `now` is given. topology/stages/compute.py runs it on Kafka.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -48,8 +49,7 @@ import orjson
 
 from agents import memo
 from agents.compute import traits as trait_state
-from agents.compute.backfill import Backfills, DefinitionsBehind
-from agents.compute.catalog import evaluate
+from agents.compute.backfill import BACKFILLS, Backfills, DefinitionsBehind
 from agents.compute.commands import check_command, check_merge
 from agents.compute.generations import Live
 from agents.errors import InvalidRecord, Waiting
@@ -121,8 +121,15 @@ def member_key(audience: str, profile_id: str) -> str:
 
 
 def pending(state: State) -> frozenset[str]:
-    """State ids whose backfill is still reading history in this partition."""
-    return Backfills.load(state).reading()
+    """State ids whose backfill is still reading history in this partition. Asked for every event: derived once per
+    version of the backfills record (it lists every generation and state id seen, a few KB with 50 definitions)."""
+    raw = getattr(state, "raw", None)
+    return Backfills.load(state).reading() if raw is None else _reading(raw(BACKFILLS))
+
+
+@functools.lru_cache(maxsize=64)
+def _reading(raw: bytes | None) -> frozenset[str]:
+    return Backfills(None if raw is None else orjson.loads(raw)).reading()
 
 
 class ComputeEngine:
@@ -385,8 +392,9 @@ class ComputeEngine:
         identify = {name: held[2] for name, held in record["i"].items()}
         values = _Values(record["v"], catalog.all_traits)
         members: dict[str, bool] = {}
-        for key, audience in catalog.audiences.items():
-            if live.audience_sids[key] & waiting:  # reads a trait still being backfilled: keep what it was
+        tests = catalog.tests
+        for key in catalog.audiences:
+            if waiting and live.audience_sids[key] & waiting:  # reads a trait still being backfilled: keep what it was
                 members[key] = key in record["m"]
                 continue
             if changed is not None:
@@ -394,8 +402,7 @@ class ComputeEngine:
                 if not (reads_identify and changed[1]) and reads.isdisjoint(changed[0]):
                     members[key] = key in record["m"]  # nothing it reads changed: neither did it
                     continue
-            members[key] = evaluate(audience.when, traits=values, identify=identify, counters=values, memberships=members,
-                                    counter_keys=catalog.counter_keys)  # fmt: skip
+            members[key] = tests[key](values, identify, values, members)
             if members[key] and key not in record["m"]:
                 self._enter(profile_id, key, record, state, out, cause)
             elif not members[key] and key in record["m"]:
