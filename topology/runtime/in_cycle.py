@@ -18,7 +18,8 @@ Why it is safe:
   share no object;
 - a command the receiver can't take now (it raises RETRIED, e.g. compute's definitions are behind) goes out on
   Kafka, and so does everything else for that partition in this cycle; one that fails is dead-lettered alone,
-  like one command of a record.
+  like one command of a record. Anything else that escapes (an output too large for Kafka) fails the whole
+  cycle before anything is written, and its partitions decide their inputs again alone.
 """
 
 from __future__ import annotations

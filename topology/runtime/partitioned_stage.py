@@ -157,6 +157,8 @@ class PartitionedStage:
         `apply` applies each command of a record read from it; raises like `apply`."""
         raise NotImplementedError
 
+    COMMANDS_SETTLE_THEMSELVES = False  # `apply_command` is all or nothing, checks its sizes and never raises
+
     def command_value(self, command: Any) -> bytes | None:
         """One command as a record of the commands topic would carry it (for its dead letter)."""
         return None
@@ -258,15 +260,15 @@ class PartitionedStage:
                     alone.append(batch)
                     continue
                 decided[batch.partition] = (batch, decision, store)
-            received = await self._deliver_in_cycle(decided, locks) if self.io.commands is not None else set()
-            parts = [(p, b, d, s) for p, (b, d, s) in sorted(decided.items()) if d.applied or d.rebuilt or p in received]
+            parts: list[tuple[int, Polled | None, Decision, StateStore]] = []
             try:
+                received = await self._deliver_in_cycle(decided, locks) if self.io.commands is not None else set()
+                parts = [(p, b, d, s) for p, (b, d, s) in sorted(decided.items()) if d.applied or d.rebuilt or p in received]
                 await self._write_decided(parts)
             except Exception as exc:
-                log.info("%s: a cycle's transaction failed (%s); its %d partitions go on one by one", self.io.name,
-                         exc, len(parts))  # fmt: skip
+                log.info("%s: a cycle failed (%s); its %d partitions go on one by one", self.io.name, exc, len(decided))
                 self._stale.update(p for p, _, _, _ in parts)  # it may have committed: catch up
-                alone.extend(batch for _, batch, _, _ in parts if batch is not None)
+                alone.extend(batch for batch, _, _ in decided.values() if batch is not None)
         for batch in sorted(alone, key=lambda b: b.partition):
             await self._take(batch)
 
@@ -304,24 +306,32 @@ class PartitionedStage:
     def _take_command(self, partition: int, entry: tuple[Any, bytes], decision: Decision) -> bool:
         """One command delivered within the cycle, all or nothing like an input record (`_apply_one`); False if it
         must wait (RETRIED): it goes out on Kafka instead. One that fails is dead-lettered (offset -1: it was never
-        on the topic)."""
+        on the topic). A stage whose `apply_command` is all or nothing by itself and never raises
+        (`COMMANDS_SETTLE_THEMSELVES`, identity) applies it straight to the partition's transaction; an output too
+        large for Kafka then fails the cycle, whose partitions go on alone, where it is dead-lettered with its input."""
         item, encoded = entry
         command = orjson.loads(encoded)["command"]  # what the receiver would have decoded: a copy of its own
-        attempt, attempt_out = Overlay(decision.tx), Output()
-        where = {"topic": self.io.commands or "", "partition": partition, "offset": -1}
-        try:
-            self.apply_command(command, attempt, attempt_out)
-            check_outputs(attempt, attempt_out)
-        except RETRIED:
-            return False
-        except Exception as exc:
-            decision.letters.append(self.io.dead_letters.record(exc, key=item.key.encode(), value=self.command_value(command), **where))
-            return True
-        attempt.commit()
-        decision.out.take(attempt_out)
-        decision.letters.extend(self.io.dead_letters.record(f.error, key=f.key or item.key.encode(), value=f.value, **where)
-                                for f in attempt_out.failed)  # fmt: skip
+        if self.COMMANDS_SETTLE_THEMSELVES:
+            attempt_out = Output()
+            self.apply_command(command, decision.tx, attempt_out)
+            decision.out.take(attempt_out)
+        else:
+            attempt, attempt_out = Overlay(decision.tx), Output()
+            try:
+                self.apply_command(command, attempt, attempt_out)
+                check_outputs(attempt, attempt_out)
+            except RETRIED:
+                return False
+            except Exception as exc:
+                decision.letters.append(self._command_letter(exc, partition, item.key.encode(), self.command_value(command)))
+                return True
+            attempt.commit()
+            decision.out.take(attempt_out)
+        decision.letters.extend(self._command_letter(f.error, partition, f.key or item.key.encode(), f.value) for f in attempt_out.failed)
         return True
+
+    def _command_letter(self, error: BaseException, partition: int, key: bytes, value: bytes | None) -> Record:
+        return self.io.dead_letters.record(error, topic=self.io.commands or "", partition=partition, offset=-1, key=key, value=value)
 
     async def _write_decided(self, decided: Sequence[tuple[int, Polled | None, Decision, StateStore]]) -> None:
         if not decided:

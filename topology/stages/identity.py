@@ -148,6 +148,8 @@ class IdentityStage(PartitionedStage):
                 self.protocol.apply(command, tx, outputs)
         self._settled(outputs, message.key, out)
 
+    COMMANDS_SETTLE_THEMSELVES = True  # the protocol's `apply`: all or nothing, sizes checked, never raises
+
     def apply_command(self, command: Any, tx: Transaction, out: Output) -> None:
         """A command delivered within the poll cycle (topology/runtime/in_cycle.py), as one read from the topic."""
         self._counters.commands += 1
