@@ -131,9 +131,9 @@ def test_a_command_that_fails_within_the_cycle_is_dead_lettered_alone_and_change
     run = stage_harness.identity(tmp_path, IdentityRules())
     decision = run.stage.decide(0, run.store, [])
     claim = {"kind": "claim", "message_id": "m1", "index": 0, "type": "user_id", "value": "u1", "candidate": "p-1"}
-    assert run.stage._take_command(0, sealed("user_id:u1", claim), decision)
+    assert in_cycle.take_command(run.stage, 0, sealed("user_id:u1", claim), decision)
     assert decision.tx.get("i|user_id|u1") == {"p": "p-1"} and not decision.letters
-    assert run.stage._take_command(0, sealed("user_id:u2", {"kind": "claim", "message_id": "m2"}), decision)
+    assert in_cycle.take_command(run.stage, 0, sealed("user_id:u2", {"kind": "claim", "message_id": "m2"}), decision)
     [letter] = [CODECS["dead_letter"].decode(record.value) for record in decision.letters]
     assert (letter["topic"], letter["partition"], letter["offset"]) == ("t.identity.commands", 0, -1)
     assert letter["key"] == b"user_id:u2" and b"m2" in letter["value"]
@@ -153,6 +153,6 @@ def test_a_command_the_receiver_must_wait_for_is_refused_untouched(tmp_path: Pat
     run.stage.apply_command = behind  # type: ignore[method-assign]
     decision = run.stage.decide(0, run.store, [])
     before = dict(decision.tx.changes)
-    assert not run.stage._take_command(0, sealed("p-1", {"kind": "fold_out"}), decision)
+    assert not in_cycle.take_command(run.stage, 0, sealed("p-1", {"kind": "fold_out"}), decision)
     assert decision.tx.changes == before and not decision.letters and not decision.out.sealed
     run.close()

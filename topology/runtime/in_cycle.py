@@ -26,9 +26,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
-from topology.runtime.stage_io import Decision
+import orjson
+
+from agents.state import Overlay
+from topology.runtime.partitioning import partition_for
+from topology.runtime.producer import Record
+from topology.runtime.stage_commands import ToPartition
+from topology.runtime.stage_io import Decision, Output, StageIO, check_outputs
+from topology.runtime.stalls import RETRIED
+from topology.runtime.state_store import Transaction
 
 ROUNDS = 64  # hops per cycle: a saga with joins takes a dozen; one still going after this goes on through Kafka
 
@@ -86,3 +94,54 @@ def _joined(decisions: MutableMapping[int, Decision], join: Callable[[int], Deci
         return False
     decisions[partition] = decision
     return True
+
+
+# -- a stage's side: one command taken by its receiver ---------------------------------------------------------
+
+
+class Receiver(Protocol):
+    """What a stage gives the cycle to take a command (topology/runtime/partitioned_stage.py's hooks)."""
+
+    io: StageIO
+    COMMANDS_SETTLE_THEMSELVES: bool  # `apply_command` is all or nothing, checks its sizes and never raises
+
+    def apply_command(self, command: Any, tx: Transaction, out: Output) -> None: ...
+
+    def command_value(self, command: Any) -> bytes | None: ...
+
+
+def target(item: Any, partitions: int) -> int | None:
+    """The partition an outbox item is a command for; None if it is no command."""
+    return partition_for(item.key, partitions) if isinstance(item, ToPartition) else None
+
+
+def take_command(stage: Receiver, partition: int, entry: Sealed, decision: Decision) -> bool:
+    """One command delivered within the cycle, all or nothing like an input record; False if it must wait (RETRIED):
+    it goes out on Kafka instead. One that fails is dead-lettered (offset -1: it was never on the topic). A stage
+    whose `apply_command` settles its own failures (identity's protocol) applies it straight to the partition's
+    transaction, without an overlay of its own; an output too large for Kafka then fails the cycle, whose partitions
+    go on alone, where it is dead-lettered with its input."""
+    item, encoded = entry
+    command = orjson.loads(encoded)["command"]  # what the receiver would have decoded: a copy of its own
+    if stage.COMMANDS_SETTLE_THEMSELVES:
+        attempt_out = Output()
+        stage.apply_command(command, decision.tx, attempt_out)
+        decision.out.take(attempt_out)
+    else:
+        attempt, attempt_out = Overlay(decision.tx), Output()
+        try:
+            stage.apply_command(command, attempt, attempt_out)
+            check_outputs(attempt, attempt_out)
+        except RETRIED:
+            return False
+        except Exception as exc:
+            decision.letters.append(_letter(stage.io, exc, partition, item.key.encode(), stage.command_value(command)))
+            return True
+        attempt.commit()
+        decision.out.take(attempt_out)
+    decision.letters.extend(_letter(stage.io, f.error, partition, f.key or item.key.encode(), f.value) for f in attempt_out.failed)
+    return True
+
+
+def _letter(io: StageIO, error: BaseException, partition: int, key: bytes, value: bytes | None) -> Record:
+    return io.dead_letters.record(error, topic=io.commands or "", partition=partition, offset=-1, key=key, value=value)

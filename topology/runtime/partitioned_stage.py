@@ -36,7 +36,6 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import orjson
 from confluent_kafka import KafkaException
 
 from agents.errors import DeliveryFailed, InvalidRecord
@@ -46,8 +45,7 @@ from topology.runtime.stage import Timer
 from topology.web.metrics import Metric
 from topology.runtime import in_cycle, memo_packs
 from topology.runtime.changelog_catch_up import catch_up, wait_settled
-from topology.runtime.partitioning import key_partition, partition_for
-from topology.runtime.stage_commands import ToPartition
+from topology.runtime.partitioning import key_partition
 from topology.runtime.producer import AsyncProducer, Record
 from topology.runtime.stage_cpu import CycleTimes, spent_by
 from topology.runtime.stalls import RETRIED, PartitionHealth, until_done
@@ -277,8 +275,8 @@ class PartitionedStage:
         """Deliver the cycle's commands to partitions in the same transaction (topology/runtime/in_cycle.py): those
         of the poll, and any other this worker reads and has ready whose lock is free (taken now, in partition
         order, so a timer waits for the cycle instead of running beside it). The partitions that received any."""
-        free = [p for p in sorted(self._assigned - decided.keys()) if p not in self._stale and p in self._stores
-                and (self.feed is None or p in self.feed.owned()) and not self._lock(p).locked()]  # fmt: skip
+        read = self._assigned if self.feed is None else self._assigned & self.feed.owned()
+        free = [p for p in sorted(read - decided.keys()) if p not in self._stale and p in self._stores and not self._lock(p).locked()]
         for partition in free:
             await locks.enter_async_context(self._lock(partition))
         joinable = set(free)
@@ -294,44 +292,11 @@ class PartitionedStage:
 
         def take(partition: int, entry: tuple[Any, bytes], decision: Decision) -> bool:
             received.add(partition)
-            return self._take_command(partition, entry, decision)
+            return in_cycle.take_command(self, partition, entry, decision)
 
         with spent_by(self.io.name):
-            in_cycle.deliver(decisions, self._command_target, join, take)
+            in_cycle.deliver(decisions, lambda item: in_cycle.target(item, self.partitions), join, take)
         return received
-
-    def _command_target(self, item: Any) -> int | None:
-        return partition_for(item.key, self.partitions) if isinstance(item, ToPartition) else None
-
-    def _take_command(self, partition: int, entry: tuple[Any, bytes], decision: Decision) -> bool:
-        """One command delivered within the cycle, all or nothing like an input record (`_apply_one`); False if it
-        must wait (RETRIED): it goes out on Kafka instead. One that fails is dead-lettered (offset -1: it was never
-        on the topic). A stage whose `apply_command` is all or nothing by itself and never raises
-        (`COMMANDS_SETTLE_THEMSELVES`, identity) applies it straight to the partition's transaction; an output too
-        large for Kafka then fails the cycle, whose partitions go on alone, where it is dead-lettered with its input."""
-        item, encoded = entry
-        command = orjson.loads(encoded)["command"]  # what the receiver would have decoded: a copy of its own
-        if self.COMMANDS_SETTLE_THEMSELVES:
-            attempt_out = Output()
-            self.apply_command(command, decision.tx, attempt_out)
-            decision.out.take(attempt_out)
-        else:
-            attempt, attempt_out = Overlay(decision.tx), Output()
-            try:
-                self.apply_command(command, attempt, attempt_out)
-                check_outputs(attempt, attempt_out)
-            except RETRIED:
-                return False
-            except Exception as exc:
-                decision.letters.append(self._command_letter(exc, partition, item.key.encode(), self.command_value(command)))
-                return True
-            attempt.commit()
-            decision.out.take(attempt_out)
-        decision.letters.extend(self._command_letter(f.error, partition, f.key or item.key.encode(), f.value) for f in attempt_out.failed)
-        return True
-
-    def _command_letter(self, error: BaseException, partition: int, key: bytes, value: bytes | None) -> Record:
-        return self.io.dead_letters.record(error, topic=self.io.commands or "", partition=partition, offset=-1, key=key, value=value)
 
     async def _write_decided(self, decided: Sequence[tuple[int, Polled | None, Decision, StateStore]]) -> None:
         if not decided:
