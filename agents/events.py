@@ -92,6 +92,8 @@ class DeadLetter(TypedDict):
     destination: str | None
     attempts: int
     failed_at: EpochMs
+    http_status: int | None
+    response: str | None
 
 
 class Identifier(TypedDict):
@@ -132,6 +134,9 @@ class ProfileChange(TypedDict):
     timestamp: EpochMs
     message_id: str | None
     seq: int
+    user_id: str | None
+    anonymous_id: str | None
+    email: str | None
 
 
 class AudienceMembershipChange(TypedDict):
@@ -144,6 +149,9 @@ class AudienceMembershipChange(TypedDict):
     seq: int
     reason: str
     message_id: str | None
+    user_id: str | None
+    anonymous_id: str | None
+    email: str | None
 
 
 class DeliveryOutcome(TypedDict):

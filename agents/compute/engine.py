@@ -2,7 +2,8 @@
 
 One partition's records (the stage keeps them in RocksDB with a changelog, like identity's):
 
-    profile     "p|<id>"            -> trait states, current values, identify traits, memberships, seq, expiry
+    profile     "p|<id>"            -> trait states, values, identify traits, memberships, seq, expiry, key ids
+                                       (`ids`: the latest userId, anonymousId, email, which every change names)
     forwarded   "f|<id>"            -> {"to": survivor}: the profile was merged; what arrives for it goes on
     seen        "s@<hour>|<messageId>" -> an event already counted here (resolved events are at-least-once)
                 "sf@<hour>|<id>|<messageId>", "sb@<hour>|<id>|<state ids>|<messageId>" -> the same for forwarded
@@ -144,14 +145,16 @@ class ComputeEngine:
 
     # -- inputs ------------------------------------------------------------------------------------------------
 
-    def event(self, profile_id: str, event: Mapping[str, Any], state: State, out: Changes, now: int, offset: int = -1) -> bool:
-        """A resolved event (at `offset` of its partition); False for one counted before (same messageId). The
-        offset of the copy that counted is kept: a backfill re-reading the partition counts that copy only."""
+    def event(self, profile_id: str, event: Mapping[str, Any], state: State, out: Changes, now: int, offset: int = -1,
+              identifiers: Iterable[Mapping[str, str]] = ()) -> bool:  # fmt: skip
+        """A resolved event (at `offset` of its partition, with the identifiers identity found in it); False for one
+        counted before (same messageId). The offset of the copy that counted is kept: a backfill re-reading the
+        partition counts that copy only."""
         seen, counted = memo.seen(state, "s", event, event["message_id"])
         if counted is not None:
             return False
         state.put(seen, {"at": now, "o": offset})
-        self._event_at(profile_id, event, state, out, now)
+        self._event_at(profile_id, event, state, out, now, identifiers=identifiers)
         return True
 
     def merge(self, entry: Mapping[str, Any], out: Changes) -> None:
@@ -251,7 +254,8 @@ class ComputeEngine:
     # -- steps -------------------------------------------------------------------------------------------------
 
     def _event_at(self, profile_id: str, event: Mapping[str, Any], state: State, out: Changes, now: int,
-                  *, only: frozenset[str] | None = None, identify: bool = True) -> None:  # fmt: skip
+                  *, only: frozenset[str] | None = None, identify: bool = True,
+                  identifiers: Iterable[Mapping[str, str]] = ()) -> None:  # fmt: skip
         live = self._live()
         forward = state.get(forward_key(profile_id))
         if forward is not None:
@@ -261,6 +265,7 @@ class ComputeEngine:
             return
         stored = state.get(profile_key(profile_id))
         record = stored or _new_record()
+        note_identifiers(record, identifiers or _carried(event))
         at = min(max(int(event["timestamp"]), 0), now)  # a client clock ahead of ours counts now, not in a future bucket
         counted = {**event, "timestamp": at} if at != event["timestamp"] else event
         touched = []
@@ -330,6 +335,7 @@ class ComputeEngine:
         if other is None:
             return
         record = state.get(profile_key(survivor)) or _new_record()
+        _fold_identifiers(record, other)
         live, touched = self._live(), []
         for sid, part in other["t"].items():
             if sid in live.by_sid:
@@ -468,6 +474,36 @@ def _new_record() -> Record:
     return {"t": {}, "v": {}, "i": {}, "m": {}, "seq": 0, "x": None}
 
 
+KEY_IDENTIFIERS = ("user_id", "anonymous_id", "email")  # what every change says of its profile (whom it is about)
+
+
+def note_identifiers(record: Record, identifiers: Iterable[Mapping[str, str]]) -> None:
+    """Keep the latest value of each key identifier type an event of the profile carried (`record["ids"]`), for the
+    changes to name their profile: a destination must know whom a change is about, without a lookup per delivery."""
+    held = record.get("ids")
+    for identifier in identifiers:
+        kind = identifier["type"]
+        if kind in KEY_IDENTIFIERS and (held is None or held.get(kind) != identifier["value"]):
+            held = record["ids"] = {**(held or {}), kind: identifier["value"]}
+
+
+def _carried(event: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The ids an event names itself (a forwarded event travels without identity's list)."""
+    return [{"type": kind, "value": event[kind]} for kind in ("user_id", "anonymous_id") if event.get(kind)]
+
+
+def _fold_identifiers(record: Record, other: Record) -> None:
+    """A merged profile's key identifiers fill the survivor's gaps (the survivor's own, newer by the merge, win)."""
+    theirs = other.get("ids") or {}
+    if theirs:
+        record["ids"] = {**theirs, **(record.get("ids") or {})}
+
+
+def _who(record: Record) -> Record:
+    held = record.get("ids") or {}
+    return {kind: held.get(kind) for kind in KEY_IDENTIFIERS}
+
+
 def _shown(kind: str, value: Any) -> Any:
     """What a change says: a trait with nothing counted yet (count 0, an empty list) is 'no value', as before its
     first event; a real 0 of min, max, avg, first or last stays 0."""
@@ -477,10 +513,10 @@ def _shown(kind: str, value: Any) -> Any:
 def _change(profile_id: str, trait: str, origin: str, old: Any, new: Any, record: Record, cause: Cause) -> Record:
     record["seq"] += 1
     return {"profile_id": profile_id, "trait": trait, "origin": origin, "old_value": old, "new_value": new,
-            "timestamp": cause.timestamp, "message_id": cause.message_id, "seq": record["seq"]}  # fmt: skip
+            "timestamp": cause.timestamp, "message_id": cause.message_id, "seq": record["seq"], **_who(record)}  # fmt: skip
 
 
 def _membership(profile_id: str, audience: str, transition: str, record: Record, cause: Cause) -> Record:
     record["seq"] += 1
     return {"profile_id": profile_id, "audience": audience, "transition": transition, "timestamp": cause.timestamp,
-            "seq": record["seq"], "reason": cause.reason, "message_id": cause.message_id}  # fmt: skip
+            "seq": record["seq"], "reason": cause.reason, "message_id": cause.message_id, **_who(record)}  # fmt: skip

@@ -174,7 +174,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "dead_letter": {
         "stage": "identity", "reason": "raw_event: unknown framing, first bytes 7b 22", "error": "UndecodableError",
         "topic": "cdp.events.raw", "partition": 3, "offset": 42, "key": b"m-1", "value": b'{"x":1}',
-        "destination": None, "attempts": 0, "failed_at": T0,
+        "destination": None, "attempts": 0, "failed_at": T0, "http_status": None, "response": None,
     },  # fmt: skip
     "resolved_event": {"profile_id": "p-1", "identifiers": IDS, "event": dict(RAW)},
     "merge_log_entry": {
@@ -189,10 +189,11 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "profile_change": {
         "profile_id": "p-1", "trait": "orders_30d", "origin": "computed", "old_value": None,
         "new_value": {"count": 3}, "timestamp": T0, "message_id": "m-1", "seq": 7,
+        "user_id": "u-1", "anonymous_id": "a-1", "email": "a@b.io",
     },  # fmt: skip
     "audience_membership_change": {
         "profile_id": "p-1", "audience": "big_spenders", "transition": "entered", "timestamp": T0, "seq": 8,
-        "reason": "trait ltv", "message_id": None,
+        "reason": "trait ltv", "message_id": None, "user_id": None, "anonymous_id": "a-1", "email": None,
     },  # fmt: skip
     "delivery_outcome": {
         "destination": "crm", "idempotency_key": "p-1:big_spenders:8", "profile_id": "p-1", "status": "retrying",

@@ -378,6 +378,9 @@ def test_a_definition_posted_while_events_flow_is_live_and_its_backfill_matches_
         except AssertionError as exc:
             backfills = requests.get(f"http://127.0.0.1:{ports[0]}/v1/backfills", timeout=10).text
             raise AssertionError(f"{exc}; last mismatch: {mismatch}; backfills: {backfills}") from None
+        # The values converge before the last partition's run has recorded itself done: wait for that too.
+        wait_until(lambda: not requests.get(f"http://127.0.0.1:{ports[1]}/v1/backfills", timeout=10).json()["runs"], timeout=30,
+                   what="every backfill run to be done")  # fmt: skip
         status = requests.get(f"http://127.0.0.1:{ports[1]}/v1/backfills", timeout=10).json()
         assert not status["runs"] and sum(r["read"] for r in status["done"] if r["gen"].startswith("trait:usd_revenue@1.")) > 0
 

@@ -208,3 +208,34 @@ def test_audiences_re_evaluated_only_on_what_changed_match_a_full_evaluation(cal
         engine.event("p", event, state, Changes(), NOW)
         record = store["p|p"]
         assert set(record["m"]) == every_audience(record), (n, event)
+
+
+def test_changes_name_their_profile_by_its_latest_identifiers_and_a_merge_fills_the_gaps() -> None:
+    """Every change carries the profile's latest userId, anonymousId and email (what sync's destinations address it
+    by); a merged profile's identifiers fill what the survivor lacks, the survivor's own win."""
+    engine, records = ComputeEngine(lambda: LIVE), {}
+    state = _DictState(records)
+
+    def order(message_id: str, **who: str) -> dict[str, Any]:
+        return {"message_id": message_id, "type": "track", "event": "Order Completed", "properties": {}, "traits": {},
+                "timestamp": NOW - 1, "user_id": None, "anonymous_id": None, **who}  # fmt: skip
+
+    out = Changes()
+    engine.event("p1", order("m1", anonymous_id="a-1"), state, out, NOW, identifiers=[{"type": "anonymous_id", "value": "a-1"}])
+    assert {(c["user_id"], c["anonymous_id"], c["email"]) for c in out.traits} == {(None, "a-1", None)}
+    out = Changes()
+    engine.event("p1", order("m2", user_id="u-1"), state, out, NOW,
+                 identifiers=[{"type": "user_id", "value": "u-1"}, {"type": "email", "value": "a@b.io"}])
+    assert out.traits and out.memberships  # the second order: orders 2, and the profile joins `buyers`
+    assert {(c["user_id"], c["anonymous_id"], c["email"]) for c in out.traits + out.memberships} == {("u-1", "a-1", "a@b.io")}
+    engine.event("p7", order("m3"), state, Changes(), NOW, identifiers=[{"type": "anonymous_id", "value": "a-7"}])
+    out = Changes()
+    engine.command({"kind": "fold_out", "profile": "p7", "into": "p1", "at": NOW}, state, out, NOW)
+    [(_, fold_in)] = out.commands
+    out = Changes()
+    engine.command(fold_in, state, out, NOW)
+    assert out.traits and {(c["user_id"], c["anonymous_id"], c["email"]) for c in out.traits} == {("u-1", "a-1", "a@b.io")}
+    engine.event("p8", order("m4"), state, Changes(), NOW, identifiers=[{"type": "email", "value": "c@d.io"}])
+    assert records["p|p8"]["ids"] == {"email": "c@d.io"}
+    engine.event("p8", order("m5", user_id="u-8"), state, Changes(), NOW)  # forwarded events carry only their own ids
+    assert records["p|p8"]["ids"] == {"email": "c@d.io", "user_id": "u-8"}

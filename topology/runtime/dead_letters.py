@@ -46,6 +46,8 @@ def dead_letter(
         destination=None,
         attempts=0,
         failed_at=int(time.time() * 1000),
+        http_status=None,
+        response=None,
     )
 
 

@@ -158,7 +158,8 @@ class ComputeStage(PartitionedStage):
         if mark == "resolved":
             self._counters.events += 1
             resolved = self.decode_resolved(message.value)
-            counted = self.engine.event(resolved["profile_id"], resolved["event"], tx, changes, now, message.offset)
+            counted = self.engine.event(resolved["profile_id"], resolved["event"], tx, changes, now, message.offset,
+                                        resolved.get("identifiers") or ())  # fmt: skip
             self._counters.duplicates += not counted
         elif mark == "merges":
             self._counters.merges += 1
