@@ -78,6 +78,12 @@ class ComputeState(TypedDict):
     record: JsonObject
 
 
+class SyncState(TypedDict):
+    """One record of a sync partition's state; cdp.sync.state (compacted), key: record key."""
+
+    record: JsonObject
+
+
 class DeadLetter(TypedDict):
     """A record a stage gave up on, with the reason and its original bytes; the dead-letter topics."""
 

@@ -192,7 +192,8 @@ class Read:
 
 def read_topic(bootstrap: str, topic: str, *, until: Callable[[list[Read]], bool], timeout: float, decode: bool = True) -> list[Read]:
     schemas = {"dead-letter": "dead_letter", "resolved": "resolved_event", "merges": "merge_log_entry",
-               "profile.changes": "profile_change", "audience.membership": "audience_membership_change"}  # fmt: skip
+               "profile.changes": "profile_change", "audience.membership": "audience_membership_change",
+               "sync.outcomes": "delivery_outcome"}  # fmt: skip
     schema = next((name for suffix, name in schemas.items() if topic.endswith(suffix)), "raw_event")
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}", "enable.auto.commit": False,
                          "isolation.level": "read_committed", "enable.partition.eof": True})  # fmt: skip

@@ -10,7 +10,10 @@ wired; the other topics of the product are declared in topology/topics.py and cr
                                                                  cdp.identity.commands ──┘  │        (state: cdp.identity.state)
                                                                                 └───────────┘                             ▼
           cdp.definitions (compacted; every worker follows it) ──▶ compute ◀──▶ cdp.compute.commands   (state: cdp.compute.state)
-                                                                     └──▶ cdp.profile.changes, cdp.audience.membership
+                                                                     └──▶ cdp.profile.changes, cdp.audience.membership ─┐
+                                                                                                                        ▼
+          cdp.definitions (destinations) ──▶ sync (a courier per destination) ──▶ webhooks   (state: cdp.sync.state)
+                                               └──▶ cdp.sync.outcomes, cdp.sync.dead-letter
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ from topology.runtime.stage import Stage
 from topology.runtime.stage_cpu import stage_cpu
 from topology.runtime.stalls import PartitionHealth, blocked_metrics
 from topology.spec import StageSpec, Wiring
-from topology.stages import compute, dedup, identity
+from topology.stages import compute, dedup, identity, sync
 from topology.stages.compute import ComputeStage
 from topology.stages.dedup import DedupStage
 from topology.stages.identity import IdentityStage
+from topology.stages.sync import SyncStage
 from topology.topics import ALL_TOPICS, DEFINITIONS, EVENTS_ACCEPTED, EVENTS_RESOLVED, IDENTITY_COMMANDS, TopicSpec
 from topology.web import worker as worker_web
 from topology.web.common import json_protocol_errors
@@ -57,7 +61,7 @@ INGEST = StageSpec(
     (EVENTS_ACCEPTED,), (),
     "validates Segment calls, answers 200 after Kafka acks=all; key messageId",
 )  # fmt: skip
-WORKER_STAGES = (dedup, identity, compute)  # modules with SPEC and wire(Wiring), in pipeline order
+WORKER_STAGES = (dedup, identity, compute, sync)  # modules with SPEC and wire(Wiring), in pipeline order
 STAGES: tuple[StageSpec, ...] = (INGEST, *(module.SPEC for module in WORKER_STAGES))
 
 
@@ -74,6 +78,7 @@ class Graph:
     dedup: DedupStage
     identity: IdentityStage
     compute: ComputeStage
+    sync: SyncStage
     definitions: DefinitionsFeed
 
 
@@ -161,7 +166,7 @@ def _serve(app: faust.App, settings: Settings, graph: Graph, producer: LazyProdu
     worker_web.register(
         app, settings=settings, views=views, compute_views=compute_views, definitions=definitions, producer=producer,
         partitions=EVENTS_RESOLVED.partition_count(settings), metrics=metrics,
-        stages=[module.SPEC.name for module in WORKER_STAGES],
+        stages=[module.SPEC.name for module in WORKER_STAGES], destinations=graph.sync.status,
     )  # fmt: skip
 
 

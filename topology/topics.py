@@ -65,6 +65,10 @@ PROFILE_CHANGES = TopicSpec("profile.changes", "profile_change", "profile_id", "
 AUDIENCE_MEMBERSHIP = TopicSpec(
     "audience.membership", "audience_membership_change", "profile_id", "audience entered/exited, once per change"
 )  # fmt: skip
+SYNC_STATE = TopicSpec(
+    "sync.state", "sync_state", "record key", "changelog of the sync stores (deliveries queued per destination and "
+    "profile), partition by partition", compacted=True,
+)  # fmt: skip
 SYNC_OUTCOMES = TopicSpec("sync.outcomes", "delivery_outcome", "destination name", "every delivery attempt's outcome")
 SYNC_DEAD_LETTER = TopicSpec("sync.dead-letter", "dead_letter", "destination name", "deliveries that failed for good")
 DEFINITIONS = TopicSpec(
@@ -74,5 +78,6 @@ DEFINITIONS = TopicSpec(
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     EVENTS_ACCEPTED, EVENTS_RAW, EVENTS_DEAD_LETTER, EVENTS_RESOLVED, IDENTITY_MERGES, IDENTITY_COMMANDS, IDENTITY_STATE,
-    COMPUTE_COMMANDS, COMPUTE_STATE, PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, SYNC_OUTCOMES, SYNC_DEAD_LETTER, DEFINITIONS,
+    COMPUTE_COMMANDS, COMPUTE_STATE, PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, SYNC_STATE, SYNC_OUTCOMES, SYNC_DEAD_LETTER,
+    DEFINITIONS,
 )  # fmt: skip

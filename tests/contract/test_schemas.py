@@ -185,6 +185,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
                                                    "value": "a@b.io", "candidate": "p-1"}},
     "identity_state": {"record": {"p": "p-1"}},
     "compute_command": {"kind": "fold_out", "body": {"kind": "fold_out", "profile": "p-2", "into": "p-1", "at": T0}},
+    "sync_state": {"record": {"n": 3}},
     "compute_state": {"record": {"t": {"orders": {"a": 2}}, "v": {"orders": 2}, "i": {}, "m": {}, "seq": 3, "x": None}},
     "profile_change": {
         "profile_id": "p-1", "trait": "orders_30d", "origin": "computed", "old_value": None,

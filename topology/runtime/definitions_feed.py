@@ -29,7 +29,9 @@ from agents.compute.catalog import Catalog, build_catalog, parse_audience
 from agents.compute.definitions import parse_trait
 from agents.compute.generations import Live
 from agents.errors import CdpError, ConfigError, DeliveryFailed
+from agents.sync.destinations import Destination, parse_destination
 from topology.codecs import AvroCodec
+from topology.destinations import CHECKS
 from topology.runtime.producer import AsyncProducer, Record
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class DefinitionsFeed:
                 key = body.get("name" if kind == "destination" else "key")
                 self._held[(kind, str(key))] = Held(kind, str(key), body, 0, None)
         self.live: Live = self._build(self._held)
+        self.destinations: Mapping[str, Destination] = _destinations(self._held, self.live.catalog)
         self._changed = threading.Condition()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -187,6 +190,7 @@ class DefinitionsFeed:
                     held[ident] = Held(record["kind"], record["key"], record["body"], record["version"], record["updated_at"])
                 try:
                     live = self._build(held)
+                    destinations = _destinations(held, live.catalog)
                 except ConfigError as exc:
                     log.info("definitions: %s %s v%d waits for what it refers to (%s)", *ident, record["version"], exc)
                     continue
@@ -199,11 +203,12 @@ class DefinitionsFeed:
                 progress = True
                 with self._changed:
                     self._held, self.live = held, replace(live, position=self.live.position)
+                    self.destinations = destinations
                     self._changed.notify_all()
 
     @staticmethod
     def _build(held: Mapping[tuple[str, str], Held]) -> Live:
-        """The definitions as the stages run them (destinations are the sync stage's, not built yet)."""
+        """The traits and audiences as compute runs them (the destinations: `_destinations`)."""
         ordered = sorted(held.values(), key=lambda h: (h.updated_at or 0, h.key))
         catalog = build_catalog([h.body for h in ordered if h.kind == "trait"], [h.body for h in ordered if h.kind == "audience"])
         return Live.of(catalog, {ident: h.version for ident, h in held.items()})
@@ -217,7 +222,7 @@ class DefinitionsFeed:
     def check(self, kind: str, body: Any) -> str:
         """The definition's key if it fits the current catalog; ConfigError naming the problem otherwise."""
         if kind == "destination":
-            raise ConfigError("destinations are not built yet (the sync stage comes next)")
+            return parse_destination(body, CHECKS, audiences=self.catalog.audiences).name
         if not isinstance(body, Mapping):
             raise ConfigError(f"a {kind} definition is a JSON object, not {body!r}")
         self.catalog.with_definition(kind, body)
@@ -240,10 +245,25 @@ class DefinitionsFeed:
 
 
 
+    async def disable(self, name: str, reason: str, producer: AsyncProducer) -> None:
+        """Turn a destination off for every worker (a 410 from it): its definition again, with `disabled` set, until a
+        user POSTs it again. Nothing if it is gone or off already."""
+        held = self._held.get(("destination", name))
+        if held is not None and not held.body.get("disabled"):
+            await self.publish("destination", {**held.body, "disabled": {"at": int(time.time() * 1000), "reason": reason}}, producer)
+
+
+def _destinations(held: Mapping[tuple[str, str], Held], catalog: Catalog) -> dict[str, Destination]:
+    """The destinations as the sync stage runs them; ConfigError if one is wrong (an audience it filters on is gone)."""
+    return {h.key: parse_destination(h.body, CHECKS, audiences=catalog.audiences) for h in held.values() if h.kind == "destination"}
+
+
 def _check_alone(record: Mapping[str, Any]) -> None:
     """ConfigError if a record's definition is wrong by itself (whatever else is defined): it can never be taken."""
     body = record["body"]
     if record["kind"] == "destination":
+        if parse_destination(body, CHECKS).name != record["key"]:
+            raise ConfigError(f"the record's key {record['key']!r} is not its destination's name {body.get('name')!r}")
         return
     definition = parse_trait(body) if record["kind"] == "trait" else parse_audience(body)
     if definition.key != record["key"]:

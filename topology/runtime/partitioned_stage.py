@@ -331,6 +331,34 @@ class PartitionedStage:
         await self._until_written(partition, attempt, None)
         return True
 
+    async def run_across(self, partitions: Sequence[int], work: Callable[[int, Transaction, Output], None]) -> list[int]:
+        """Run `work` on several partitions' state in one transaction (sync's delivery outcomes): the partitions it
+        ran on — those this worker owns with their store ready, locked in partition order like a cycle. Raises if the
+        transaction failed (its partitions catch up before their next work: it may have committed), so the caller
+        keeps what it wanted written and tries again; `work` must be idempotent on the state and must not raise."""
+        parts: list[Part] = []
+        async with AsyncExitStack() as locks:
+            for partition in sorted(set(partitions)):
+                if partition not in self._assigned or partition in self._stale:
+                    continue
+                await locks.enter_async_context(self._lock(partition))
+                if partition not in self._assigned:
+                    continue
+                store = await self._ready_store(partition)
+                tx, out = Transaction(store), Output()
+                with spent_by(self.io.name):
+                    self.prepare(partition, tx)
+                    work(partition, tx, out)
+                parts.append(Part(partition, store, tx.changes, out, tx.unlogged))
+            changed = [part for part in parts if part.changes or part.out.outbox or part.out.atomic]
+            try:
+                if changed:
+                    await self._finish(changed)
+            except Exception:
+                self._stale.update(part.partition for part in parts)
+                raise
+        return [part.partition for part in parts]
+
     def expire_memos_in(self, tx: Transaction, now_ms: int) -> int:
         """Delete the partition's memos past the horizon, oldest first, at most MEMOS_PER_RUN keys; how many memos.
         They leave the store, and their packs the changelog as tombstones in this transaction."""

@@ -21,6 +21,7 @@ from agents.compute.definitions import MAX_DEFINITION_BYTES
 from agents.errors import CdpError, ConfigError
 from topology.web.compute_views import INTERNAL, PAGE_DEFAULT, PAGE_MAX, ComputeViews
 from topology.config import Settings
+from topology.destinations import redacted
 from topology.runtime.definitions_feed import KINDS, Conflict, DefinitionsFeed
 from topology.web.common import HttpError, read_body, same_secret
 from topology.web.identity_views import IdentityViews
@@ -82,6 +83,7 @@ def register(
     partitions: int,
     stages: list[str],
     metrics: Callable[[], list[Metric]],
+    destinations: Callable[[], list[dict[str, Any]]] = list,
 ) -> None:
     """Add the worker's routes to `app` (`partitions`: of the compute stage's input, for the internal views)."""
 
@@ -144,7 +146,7 @@ def register(
         async def get(self, request: Any, kinds: str) -> Any:
             kind = _kind(kinds)
             held = definitions.held(kind)
-            return self.json({kinds: [{"definition": h.body, "version": h.version, "updated_at": h.updated_at,
+            return self.json({kinds: [{"definition": redacted(h.body), "version": h.version, "updated_at": h.updated_at,
                                        "origin": "config" if h.updated_at is None else "api"} for h in held]})  # fmt: skip
 
         async def post(self, request: Any, kinds: str) -> Any:
@@ -165,7 +167,11 @@ def register(
                 raise HttpError(409, str(exc)) from None
             except CdpError as exc:
                 raise HttpError(503, str(exc)) from None
-            return self.json({"definition": held.body, "version": held.version, "updated_at": held.updated_at}, status=201)
+            return self.json({"definition": redacted(held.body), "version": held.version, "updated_at": held.updated_at}, status=201)
+
+    @app.page("/v1/destinations")
+    async def _destinations(web: Any, request: Any) -> Any:
+        return web.json({"destinations": destinations()})
 
     @app.page("/health")
     async def _health(web: Any, request: Any) -> Any:
