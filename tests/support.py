@@ -188,6 +188,7 @@ class Read:
     raw: bytes | None
     timestamp_ms: int
     value: Any = None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def read_topic(bootstrap: str, topic: str, *, until: Callable[[list[Read]], bool], timeout: float, decode: bool = True) -> list[Read]:
@@ -206,7 +207,8 @@ def read_topic(bootstrap: str, topic: str, *, until: Callable[[list[Read]], bool
             for message in consumer.consume(num_messages=1000, timeout=0.5):
                 if message.error() is None:
                     value = decode_value(schema, message.value()) if decode else None
-                    records.append(Read(message.partition(), message.offset(), message.key(), message.value(), message.timestamp()[1], value))
+                    records.append(Read(message.partition(), message.offset(), message.key(), message.value(), message.timestamp()[1], value,
+                                        tuple(message.headers() or ())))  # fmt: skip
             if until(records):
                 _drain_to_end(consumer, topic, partitions, records, schema if decode else None)
                 return records
@@ -226,7 +228,8 @@ def _drain_to_end(consumer: Consumer, topic: str, partitions: Any, records: list
         for message in consumer.consume(num_messages=1000, timeout=0.5):
             if message.error() is None:
                 value = decode_value(schema, message.value()) if schema else None
-                records.append(Read(message.partition(), message.offset(), message.key(), message.value(), message.timestamp()[1], value))
+                records.append(Read(message.partition(), message.offset(), message.key(), message.value(), message.timestamp()[1], value,
+                                    tuple(message.headers() or ())))  # fmt: skip
                 seen[message.partition()] = message.offset()
             elif message.error().code() == KafkaError._PARTITION_EOF:  # transaction markers take offsets too
                 seen[message.partition()] = max(seen[message.partition()], message.offset() - 1)

@@ -23,9 +23,12 @@ class Attempt:
     error: str | None = None  # why not, in words (None when delivered)
     retry_after_ms: int | None = None
     response: str | None = None  # the start of the answer's body
+    outcome: Verdict | None = None  # what a destination without HTTP statuses (Kafka) says it came to
 
 
 def verdict(attempt: Attempt) -> Verdict:
+    if attempt.outcome is not None:
+        return attempt.outcome
     status = attempt.status
     if status is None:
         return "retry"

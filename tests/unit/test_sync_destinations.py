@@ -59,3 +59,11 @@ def test_every_problem_is_named_in_one_error() -> None:
 def test_secrets_are_never_shown_back() -> None:
     shown = redacted({**GOOD, "secret": [SECRET, SECRET]})
     assert shown["secret"] == REDACTED and shown["url"] == GOOD["url"]
+
+
+def test_a_kafka_destination_needs_a_topic_and_may_name_its_own_cluster() -> None:
+    destination = parse_destination({"name": "lake", "kind": "kafka", "topic": "crm.audiences", "bootstrap": "other:9092"}, CHECKS)
+    assert destination.settings == {"topic": "crm.audiences", "bootstrap": "other:9092", "timeout_ms": 30_000, "batch_size": 100}
+    with pytest.raises(ConfigError) as refused:
+        parse_destination({"name": "lake", "kind": "kafka", "topic": "no spaces", "url": "http://x"}, CHECKS)
+    assert "topic must be a Kafka topic name" in str(refused.value) and "unknown kafka setting url" in str(refused.value)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from agents.sync.destinations import parse_destination
 from agents.sync.payloads import Delivery
-from agents.sync.queue import QUEUED, enqueue, expire, queue_prefix, queued, settle, split_key
+from agents.sync.queue import QUEUED, enqueue, expire, queue_prefix, queued, settle
 from agents.sync.retry import Attempt, backoff_ms
 from agents.sync.schedule import Schedule
 from topology.destinations import CHECKS

@@ -3,7 +3,8 @@
 A kind module (webhook.py, ...) declares `KIND = Kind(name, check, open, secrets)`:
 - `check(settings)`: the kind's own settings of a definition (everything but the keys every destination has,
   agents/sync/destinations.py), checked and normalised; ConfigError naming every problem;
-- `open(destination)`: a Sender for it, made inside the worker's event loop;
+- `open(destination, context)`: a Sender for it, made inside the worker's event loop (`context`: what the worker
+  gives every kind, e.g. its own Kafka cluster);
 - `secrets`: the settings never shown back (GET /v1/definitions/destinations redacts them).
 A Sender makes one attempt at a batch of deliveries (at most `max_batch`, 1 unless the destination batches) and
 says what it came to (agents/sync/retry.py: Attempt); it never raises for the destination's failures. Adding a
@@ -18,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from agents.durations import parse_duration_ms
+from agents.errors import ConfigError
 from agents.sync.destinations import Destination, KindCheck
 from agents.sync.payloads import Delivery
 from agents.sync.retry import Attempt
@@ -36,11 +39,58 @@ class Sender(Protocol):
 
 
 @dataclass(frozen=True)
+class SenderContext:
+    """What a worker gives every Sender it opens."""
+
+    bootstrap: str  # the pipeline's own Kafka cluster
+
+
+@dataclass(frozen=True)
 class Kind:
     name: str
     check: KindCheck
-    open: Callable[[Destination], Sender]
+    open: Callable[[Destination, SenderContext], Sender]
     secrets: tuple[str, ...] = ()
+
+
+class Settings:
+    """A kind's settings being checked: each read names its problem and falls back to its default, so one
+    ConfigError (`done`) lists every problem of the definition."""
+
+    def __init__(self, kind: str, settings: Mapping[str, Any], known: Sequence[str]) -> None:
+        self.kind, self.settings, self.problems = kind, settings, []  # type: list[str]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            self.problems.append(f"unknown {kind} setting {', '.join(unknown)}; {kind} settings: {', '.join(known)}")
+
+    def get(self, key: str) -> Any:
+        return self.settings.get(key)
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+
+    def duration_ms(self, key: str, default: str, low_ms: int, high_ms: int) -> int:
+        try:
+            value = parse_duration_ms(self.settings.get(key, default))
+            if not low_ms <= value <= high_ms:
+                raise ValueError(f"must be from {low_ms} ms to {high_ms // 1000} s")
+        except (ValueError, TypeError) as exc:
+            self.problems.append(f"{key}: {exc}")
+            return parse_duration_ms(default)
+        return value
+
+    def batch_size(self, default: int, most: int) -> int:
+        batch = self.settings.get("batch") or {"size": default}
+        size = batch.get("size") if isinstance(batch, Mapping) else None
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= most or set(batch) - {"size"}:
+            self.problems.append(f"batch is {{size: 1..{most}}}, not {batch!r:.60}")
+            return default
+        return size
+
+    def done(self, checked: dict[str, Any]) -> dict[str, Any]:
+        if self.problems:
+            raise ConfigError("; ".join(self.problems))
+        return checked
 
 
 def _discover() -> dict[str, Kind]:

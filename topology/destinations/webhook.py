@@ -26,47 +26,28 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from agents.durations import parse_duration_ms
-from agents.errors import ConfigError
 from agents.sync.destinations import Destination
 from agents.sync.payloads import Delivery
 from agents.sync.retry import Attempt
-from topology.destinations import Kind
+from topology.destinations import Kind, SenderContext, Settings
 
 SECRET_PREFIX = "whsec_"
-DEFAULT_TIMEOUT_MS = 10_000
 MAX_BATCH = 1_000
 RESPONSE_CHARS = 1_000
 
 
 def check(settings: Mapping[str, Any]) -> dict[str, Any]:
-    problems: list[str] = []
-    unknown = sorted(set(settings) - {"url", "secret", "timeout", "batch"})
-    if unknown:
-        problems.append(f"unknown webhook setting {', '.join(unknown)}; webhook settings: url, secret, timeout, batch")
+    checking = Settings("webhook", settings, ("url", "secret", "timeout", "batch"))
     url = settings.get("url")
     parts = urlsplit(url) if isinstance(url, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        problems.append(f"url must be an http:// or https:// URL with a host, not {url!r:.80}")
+        checking.problem(f"url must be an http:// or https:// URL with a host, not {url!r:.80}")
     secrets = settings.get("secret")
     secrets = [secrets] if isinstance(secrets, str) else secrets
     if not isinstance(secrets, list) or not 1 <= len(secrets) <= 2 or not all(_key(s) for s in secrets):
-        problems.append("secret is required: 'whsec_' followed by base64 (at least 24 bytes), or a list of two during a rotation")
-    try:
-        timeout = parse_duration_ms(settings.get("timeout", "10s"))
-        if not 0 < timeout <= 300_000:
-            raise ValueError("timeout must be over 0 and at most 5m")
-    except (ValueError, TypeError) as exc:
-        problems.append(f"timeout: {exc}")
-        timeout = DEFAULT_TIMEOUT_MS
-    batch = settings.get("batch") or {"size": 1}
-    size = batch.get("size") if isinstance(batch, Mapping) else None
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BATCH or set(batch) - {"size"}:
-        problems.append(f"batch is {{size: 1..{MAX_BATCH}}}, not {batch!r:.60}")
-        size = 1
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return {"url": url, "secrets": secrets, "timeout_ms": timeout, "batch_size": size}
+        checking.problem("secret is required: 'whsec_' followed by base64 (at least 24 bytes), or a list of two during a rotation")
+    timeout = checking.duration_ms("timeout", "10s", 1, 300_000)
+    return checking.done({"url": url, "secrets": secrets, "timeout_ms": timeout, "batch_size": checking.batch_size(1, MAX_BATCH)})
 
 
 def _key(secret: Any) -> bytes | None:
@@ -89,7 +70,7 @@ def batch_id(ids: Sequence[str]) -> str:
 
 
 class WebhookSender:
-    def __init__(self, destination: Destination) -> None:
+    def __init__(self, destination: Destination, context: SenderContext) -> None:
         settings = destination.settings
         self.url, self.max_batch = settings["url"], settings["batch_size"]
         self._keys = [_key(secret) for secret in settings["secrets"]]

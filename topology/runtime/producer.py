@@ -30,6 +30,7 @@ class Record:
     value: bytes | None
     partition: int | None = None
     timestamp_ms: int | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ class AsyncProducer:
                 kwargs["partition"] = record.partition
             if record.timestamp_ms is not None:
                 kwargs["timestamp"] = record.timestamp_ms
+            if record.headers:
+                kwargs["headers"] = list(record.headers)
             callback = lambda error, message, index=index: group.on_delivery(index, error, message)  # noqa: E731
             while True:
                 try:

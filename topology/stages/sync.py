@@ -43,7 +43,7 @@ from agents.sync.queue import QUEUED, Settled, enqueue, expire, queue_prefix, qu
 from agents.sync.retry import Attempt
 from agents.sync.schedule import Schedule
 from topology.codecs import AvroCodec
-from topology.destinations import KINDS, Kind
+from topology.destinations import KINDS, Kind, SenderContext
 from topology.runtime.courier import Courier
 from topology.runtime.dead_letters import DeadLetters, dead_letter
 from topology.runtime.input_feed import InputFeed, InputRecord
@@ -117,6 +117,7 @@ class SyncStage(PartitionedStage):
         super().__init__(io=io, partitions=partitions, store_dir=store_dir, bootstrap=bootstrap, producer=producer)
         self.topics, self.codecs, self.destinations, self.kinds, self.clock = topics, codecs, destinations, kinds, clock
         self._disable, self.live_ready = disable, live_ready
+        self.context = SenderContext(bootstrap)
         self._counters = SyncCounters()
         self._partition = -1  # the partition of the batch being applied (prepare)
         self._touched: dict[int, set[tuple[str, str]]] = defaultdict(set)  # (destination, profile) queues changed
@@ -231,7 +232,7 @@ class SyncStage(PartitionedStage):
                         schedule.release(*slot)
             for name, destination in wanted.items():
                 if name not in self._couriers and destination.kind in self.kinds:
-                    courier = Courier(destination, self.kinds[destination.kind].open(destination), self._schedules[name],
+                    courier = Courier(destination, self.kinds[destination.kind].open(destination, self.context), self._schedules[name],
                                       load=self._load, report=self._answer, share=self._share)  # fmt: skip
                     self._couriers[name] = courier
                     courier.start()

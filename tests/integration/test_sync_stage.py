@@ -2,11 +2,13 @@
 
 One pipeline, one stream of events (anonymous visitors who identify later: merges, trait changes, audience entries
 and exits), three webhook destinations: a healthy one (identify and track for audiences, identify for traits), a
-flaky one (503 to every second request for its first FLAKY_S seconds) and a refusing one (400). Against the change
+flaky one (503 to every second request for its first FLAKY_S seconds) and a refusing one (400), and a Kafka
+destination (a topic of the same cluster). Against the change
 topics (read_committed) as the oracle of what must be delivered: each change reaches the healthy and the flaky
 receiver exactly once by webhook-id, every signature verifies with the `standardwebhooks` library, each profile's
 deliveries arrive in the order of its changes, the receivers' view of every profile equals the topics' last values,
-and the refusing destination's deliveries are dead-lettered at once with status and body.
+the refusing destination's deliveries are dead-lettered at once with status and body, and the Kafka topic holds
+each delivery once, keyed by profile, with its id in the `cdp-delivery-id` header.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 import orjson
 import pytest
 import requests
+import yaml
 from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import NewTopic
 from standardwebhooks import Webhook
 
 from agents.sync.payloads import delivery_id
@@ -61,10 +65,14 @@ def synced(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory, recei
         {"name": "flaky", "kind": "webhook", "url": receivers.url("flaky"), "secret": SECRETS["flaky"], **FAST_RETRY},
         {"name": "refusing", "kind": "webhook", "url": receivers.url("refusing"), "secret": SECRETS["refusing"],
          "subscribe": ["audience_membership"]},
+        {"name": "stream", "kind": "kafka", "topic": "PREFIX.crm-feed", "audience_calls": ["identify", "track"]},
     ]  # fmt: skip
     pipe = Pipeline(bootstrap=kafka_bootstrap, root=tmp_path_factory.mktemp("sync"),
                     extra_config={"traits": TRAITS, "audiences": AUDIENCES, "destinations": destinations})  # fmt: skip
+    destinations[-1]["topic"] = pipe.topic("crm-feed")
+    pipe.config_path.write_text(yaml.safe_dump({**yaml.safe_load(pipe.config_path.read_text()), "destinations": destinations}))
     pipe.create_topics()
+    pipe.admin.create_topics([NewTopic(pipe.topic("crm-feed"), 2, 1)])[pipe.topic("crm-feed")].result()
     try:
         pipe.start("ingest")
         pipe.start("worker", CDP_ADMIN_TOKEN=ADMIN)
@@ -166,11 +174,20 @@ def test_every_change_reaches_each_destination_once_in_order_signed_and_refusals
     assert sum(1 for o in outcomes if o.value["destination"] == "refusing" and o.value["status"] == "dead_lettered") == len(plans["refusing"])
     assert sum(1 for o in outcomes if o.value["destination"] == "flaky" and o.value["status"] == "retrying") >= 1
 
+    streamed = synced.read("crm-feed", until=lambda rs: len(rs) >= len(plans["healthy"]), timeout=60, decode=False)
+    ids = Counter(dict(r.headers)["cdp-delivery-id"].decode() for r in streamed)
+    want = {delivery_id("stream", c["profile_id"], c["seq"], call): c for i, c in plans["healthy"].items()
+            for call in (("identify", "track") if c["topic"] == "audiences" else ("identify",))}  # fmt: skip
+    assert set(ids) == set(want) and max(ids.values()) == 1, "the Kafka destination: each change once, by its delivery id"
+    for r in streamed:
+        body, change = orjson.loads(r.raw), want[dict(r.headers)["cdp-delivery-id"].decode()]
+        assert r.key == change["profile_id"].encode() and body["messageId"] == dict(r.headers)["cdp-delivery-id"].decode()
+
     status = {d["name"]: d for d in requests.get(f"http://127.0.0.1:{synced.web_port}/v1/destinations", timeout=10).json()["destinations"]}
     assert status["healthy"]["delivered"] == len(plans["healthy"]) and status["healthy"]["backlog"] == 0
     assert status["refusing"]["dead_lettered"] == len(plans["refusing"]) and status["refusing"]["last_error"] == "HTTP 400"
     shown = requests.get(f"http://127.0.0.1:{synced.web_port}/v1/definitions/destinations", timeout=10).json()["destinations"]
-    assert all(d["definition"]["secret"] == "<redacted>" for d in shown)
+    assert all(d["definition"]["secret"] == "<redacted>" for d in shown if d["definition"]["kind"] == "webhook")
 
 
 @pytest.mark.integration
