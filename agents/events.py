@@ -24,7 +24,7 @@ CallType = Literal["track", "identify", "page", "screen", "group", "alias"]
 MergeKind = Literal["merged", "refused", "demoted"]
 TraitOrigin = Literal["computed", "identify"]
 AudienceTransition = Literal["entered", "exited"]
-DeliveryStatus = Literal["succeeded", "retrying", "failed", "dead_lettered"]
+DeliveryStatus = Literal["succeeded", "retrying", "failed", "dead_lettered", "superseded"]
 DefinitionKind = Literal["trait", "audience", "destination"]
 
 

@@ -69,6 +69,10 @@ SYNC_STATE = TopicSpec(
     "sync.state", "sync_state", "record key", "changelog of the sync stores (deliveries queued per destination and "
     "profile), partition by partition", compacted=True,
 )  # fmt: skip
+SYNC_REDELIVERIES = TopicSpec(
+    "sync.redeliveries", "dead_letter", "profile_id",
+    "dead letters `cdp sync redeliver` hands back to the sync stage; same partition count as profile.changes",
+)  # fmt: skip
 SYNC_OUTCOMES = TopicSpec("sync.outcomes", "delivery_outcome", "destination name", "every delivery attempt's outcome")
 SYNC_DEAD_LETTER = TopicSpec("sync.dead-letter", "dead_letter", "destination name", "deliveries that failed for good")
 DEFINITIONS = TopicSpec(
@@ -78,6 +82,7 @@ DEFINITIONS = TopicSpec(
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     EVENTS_ACCEPTED, EVENTS_RAW, EVENTS_DEAD_LETTER, EVENTS_RESOLVED, IDENTITY_MERGES, IDENTITY_COMMANDS, IDENTITY_STATE,
-    COMPUTE_COMMANDS, COMPUTE_STATE, PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, SYNC_STATE, SYNC_OUTCOMES, SYNC_DEAD_LETTER,
+    COMPUTE_COMMANDS, COMPUTE_STATE, PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, SYNC_STATE, SYNC_REDELIVERIES, SYNC_OUTCOMES,
+    SYNC_DEAD_LETTER,
     DEFINITIONS,
 )  # fmt: skip

@@ -1,12 +1,17 @@
 """Each destination's deliveries in one partition's state, queued per profile in the order of the profile's changes.
 
-    queued   "q|<destination>|<profile>|<seq, 15 digits>|<call>" -> the delivery, its attempts and when it is due
-    count    "n|<destination>"                                   -> {"n": deliveries queued in this partition}
+    queued    "q|<destination>|<profile>|<seq, 15 digits>|<call>" -> the delivery, its attempts and when it is due
+    count     "n|<destination>"                                   -> {"n": deliveries queued in this partition}
+    delivered "v|<destination>|<profile>|<subject>"               -> {"seq": the newest change delivered for it}
 
 Keys sort by (destination, profile, seq, call), so a profile's first key for a destination is the one to deliver
 next: while it waits for a retry, the profile's later changes for that destination wait behind it; other profiles
 and destinations go on. A delivery leaves the queue once its outcome is settled (`settle`), in the same Kafka
 transaction as the outcome record (and dead letter): a crash before that sends it again, with the same id.
+
+A dead letter handed back (`cdp sync redeliver`) is queued again with its id, in its seq's place — unless a newer
+change of the same profile, destination and subject (audience or trait) was delivered since: then it is
+*superseded* and skipped, so an `entered` is never redelivered after its `exited`.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ def count_key(destination: str) -> str:
     return f"n|{destination}"
 
 
+def delivered_key(destination: str, profile_id: str, subject: str) -> str:
+    return f"v|{destination}|{profile_id}|{subject}"
+
+
 def queued(state: State, destination: str) -> int:
     return (state.get(count_key(destination)) or {"n": 0})["n"]
 
@@ -58,6 +67,17 @@ def enqueue(state: State, destination: Destination, delivery: Delivery, origin: 
     })  # fmt: skip
     state.put(count_key(destination.name), {"n": count + 1})
     return True
+
+
+def requeue(state: State, destination: Destination, delivery: Delivery, origin: dict[str, Any], now: int, limit: int) -> str:
+    """A dead letter handed back: "queued", "superseded" (a newer change for its subject was delivered since),
+    "queued already" (it is in the queue now: a redelivery repeated) or "full" (the backlog)."""
+    newest = state.get(delivered_key(destination.name, delivery.profile_id, delivery.subject))
+    if newest is not None and newest["seq"] > delivery.seq:
+        return "superseded"
+    if state.get(queue_key(destination.name, delivery.profile_id, delivery.seq, delivery.call)) is not None:
+        return "queued already"
+    return "queued" if enqueue(state, destination, delivery, origin, now, limit) else "full"
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,11 @@ def settle(state: State, destination: Destination, key: str, attempt: Attempt, n
     item["status"], item["error"] = attempt.status, attempt.error
     item["response"] = None if attempt.response is None else attempt.response[:MAX_RESPONSE_CHARS]
     outcome, reason = verdict(attempt), None
+    if outcome == "delivered":
+        seen = delivered_key(destination.name, item["profile"], item["subject"])
+        newest = state.get(seen)
+        if newest is None or newest["seq"] < item["seq"]:
+            state.put(seen, {"seq": item["seq"]})
     if outcome == "retry":
         due = now + backoff_ms(item["attempts"], destination.retry_base_ms, destination.retry_cap_ms, attempt.retry_after_ms, jitter)
         if due - item["queued_at"] > destination.max_age_ms:

@@ -14,6 +14,8 @@ each delivery once, keyed by profile, with its id in the `cdp-delivery-id` heade
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -28,7 +30,7 @@ from confluent_kafka.admin import NewTopic
 from standardwebhooks import Webhook
 
 from agents.sync.payloads import delivery_id
-from tests.integration.test_compute_stage import ADMIN, people_stream, post_definition, send
+from tests.integration.test_compute_stage import ADMIN, _iso, people_stream, post_definition, send
 from tests.receivers import Receivers, Received
 from tests.support import Pipeline, wait_until
 
@@ -188,6 +190,55 @@ def test_every_change_reaches_each_destination_once_in_order_signed_and_refusals
     assert status["refusing"]["dead_lettered"] == len(plans["refusing"]) and status["refusing"]["last_error"] == "HTTP 400"
     shown = requests.get(f"http://127.0.0.1:{synced.web_port}/v1/definitions/destinations", timeout=10).json()["destinations"]
     assert all(d["definition"]["secret"] == "<redacted>" for d in shown if d["definition"]["kind"] == "webhook")
+
+
+@pytest.mark.integration
+def test_redelivery_after_the_fix_delivers_the_dead_letters_and_skips_those_a_newer_change_superseded(synced: Pipeline, receivers: Receivers) -> None:
+    """New people browse (they enter `browsers`; the refusing receiver dead-letters that), then it is fixed and they
+    order (they enter `buyers` and exit `browsers`, delivered now); then `cdp sync redeliver refusing` hands the dead
+    letters back: the `browsers` entries a delivered exit superseded are never sent, the rest are delivered, and the
+    receiver's last word on every audience is the topics'."""
+    now = int(time.time() * 1000)
+    people = [f"v{n}-sup" for n in range(4)]
+    send(synced, [{"type": "page", "name": "Home", "userId": user, "messageId": f"page-{user}", "timestamp": _iso(now - 2000)} for user in people])
+    plan = expected_ids(changes(synced), "refusing", ("identify",), False)
+
+    def dead_lettered() -> set[str]:
+        return {orjson.loads(r.value["value"])["id"] for r in synced.read("sync.dead-letter", until=lambda rs: False, timeout=5)
+                if r.value["destination"] == "refusing"}  # fmt: skip
+
+    wait_until(lambda: dead_lettered() >= set(plan), timeout=60, what="the browsers' entries dead-lettered", interval=1)
+    letters = dead_lettered()
+    shown = requests.get(f"http://127.0.0.1:{synced.web_port}/v1/destinations/refusing/dead-letters?limit=1000", timeout=30).json()
+    assert {d["delivery"]["id"] for d in shown["dead_letters"]} == letters and all(d["http_status"] == 400 for d in shown["dead_letters"])
+    receivers.on("refusing", lambda count: (200, "fixed", {}))
+    send(synced, [{"type": "track", "event": "Order Completed", "userId": user, "messageId": f"order-{user}-{n}",
+                   "properties": {"amount": 5}, "timestamp": _iso(now - 1000 + n)} for user in people for n in range(2)])  # fmt: skip
+    found = changes(synced)
+    plan = expected_ids(found, "refusing", ("identify",), False)
+    fresh = set(plan) - letters
+    assert len(fresh) >= 2 * len(people), "the orders must move the new people into buyers and out of browsers"
+    wait_until(lambda: {r.headers["webhook-id"] for r in receivers.got("refusing") if r.status == 200} >= fresh, timeout=120,
+               what="the new changes delivered to the fixed receiver")  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "topology.ops.cli", "sync", "redeliver", "refusing", "--timeout", "120"],
+                            env=synced.env(), capture_output=True, text=True, timeout=200)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"redelivered {len(letters):,} dead letters of refusing" in result.stdout and "superseded" in result.stdout, result.stdout
+    plan = expected_ids(found, "refusing", ("identify",), False)
+    delivered = [r for r in receivers.got("refusing") if r.status == 200]
+    redelivered = {r.headers["webhook-id"] for r in delivered} & letters
+    superseded = letters - redelivered
+    assert superseded and redelivered, f"{len(superseded)} superseded, {len(redelivered)} redelivered"
+    for ident in superseded:  # a newer change of its profile and audience was delivered
+        change = plan[ident]
+        assert any(plan[r.headers["webhook-id"]]["profile_id"] == change["profile_id"] and plan[r.headers["webhook-id"]]["audience"] == change["audience"]
+                   and plan[r.headers["webhook-id"]]["seq"] > change["seq"] for r in delivered)  # fmt: skip
+    view: dict[tuple[str, str], bool] = {}
+    for r in delivered:
+        change = plan[r.headers["webhook-id"]]
+        view[(change["profile_id"], change["audience"])] = change["transition"] == "entered"
+    last = {(c["profile_id"], c["audience"]): c["transition"] == "entered" for c in found if c["topic"] == "audiences"}
+    assert view == last, "the receiver's last word on an audience is not the topics'"
 
 
 @pytest.mark.integration

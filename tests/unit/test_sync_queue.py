@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from agents.sync.destinations import parse_destination
 from agents.sync.payloads import Delivery
-from agents.sync.queue import QUEUED, enqueue, expire, queue_prefix, queued, settle
+from agents.sync.queue import QUEUED, enqueue, expire, queue_prefix, queued, requeue, settle
 from agents.sync.retry import Attempt, backoff_ms
 from agents.sync.schedule import Schedule
 from topology.destinations import CHECKS
@@ -139,3 +139,18 @@ def test_a_retry_waits_at_least_what_retry_after_asks() -> None:
     key = state.keys(QUEUED)[0]
     settled = settle(state, DESTINATION, key, Attempt(429, "HTTP 429", retry_after_ms=500), 100, 0.0)
     assert settled is not None and settled.outcome == "retry" and state.records[key]["due"] == 600
+
+
+def test_a_dead_letter_handed_back_is_superseded_by_a_newer_delivered_change_of_its_subject() -> None:
+    state = DictState()
+    old = Delivery("d1", "p", 1, "identify", "audience:a", {}, 0)
+    newer = Delivery("d3", "p", 3, "identify", "audience:a", {}, 0)
+    other = Delivery("d2", "p", 2, "identify", "audience:b", {}, 0)
+    for delivery in (newer, other):
+        enqueue(state, DESTINATION, delivery, {}, 0, limit=10)
+        settle(state, DESTINATION, state.keys(QUEUED)[0], ANSWERS["ok"], 1, 0.5)
+    assert requeue(state, DESTINATION, old, {}, 2, limit=10) == "superseded"  # `a` got seq 3 since
+    assert requeue(state, DESTINATION, Delivery("d0", "p", 1, "identify", "audience:b", {}, 0), {}, 2, limit=10) == "superseded"
+    assert requeue(state, DESTINATION, Delivery("d4", "p", 4, "identify", "audience:a", {}, 0), {}, 2, limit=10) == "queued"
+    assert requeue(state, DESTINATION, Delivery("d4", "p", 4, "identify", "audience:a", {}, 0), {}, 2, limit=10) == "queued already"
+    assert requeue(state, DESTINATION, Delivery("d5", "q", 1, "identify", "audience:a", {}, 0), {}, 2, limit=1) == "full"

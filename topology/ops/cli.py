@@ -210,6 +210,15 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
+    from topology.ops.redeliver import redeliver
+    from topology.ops.replay import parse_time
+
+    summary = redeliver(settings, args.name, parse_time(args.since) if args.since else 0, args.timeout)
+    print(summary)
+    return 0 if sum(summary.results.values()) == summary.letters else 1
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="cdp", description="A real-time customer data platform on Faust and Kafka.")
     sub = root.add_subparsers(dest="command", required=True)
@@ -237,6 +246,12 @@ def parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="re-drive a time range of raw events through identity and compute (idempotent)")
     replay.add_argument("--from", dest="from_time", required=True, help="2026-11-20T10:00:00Z, epoch ms, or a duration ago (2h)")
     replay.add_argument("--to", dest="to_time", help="same forms; default: the end of the topic when the replay starts")
+    sync = sub.add_parser("sync", help="destinations: hand dead letters back for delivery")
+    sync_sub = sync.add_subparsers(dest="action", required=True)
+    redeliver = sync_sub.add_parser("redeliver", help="deliver a destination's dead letters again (superseded ones are skipped)")
+    redeliver.add_argument("name", help="the destination")
+    redeliver.add_argument("--since", help="only letters failed at or after: an ISO time, epoch ms, or a duration ago (2h)")
+    redeliver.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for their outcomes")
     bench = sub.add_parser("bench", help="benchmarks; figures as JSON")
     bench.add_argument("stage", choices=["pipeline", "ingest", "dedup", "identity", "compute"])
     bench.add_argument("--events", type=int, help="events per run (default 200000; identity 100000; compute 40000)")
@@ -252,6 +267,7 @@ def parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "dev": cmd_dev, "worker": cmd_worker, "ingest": cmd_ingest, "kafka": cmd_kafka, "topics": cmd_topics,
     "topology": cmd_topology, "generate": cmd_generate, "bench": cmd_bench, "backfill": cmd_backfill, "replay": cmd_replay,
+    "sync": cmd_sync,
 }  # fmt: skip
 
 

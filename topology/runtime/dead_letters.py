@@ -4,12 +4,19 @@ Bad input never stops a stage and never vanishes: whatever an input record raise
 applied (a BadEventError, or any other exception: a bug must cost one record, not the partition), the stage
 turns it into one of these — here, and only here — writes it to the dead-letter topic, and moves on to the
 next record. Only Kafka being unreachable, a fenced writer and deliberate waits (agents/errors.py) are retried.
+The sync stage's given-up deliveries are read back by destination (`sync_dead_letters`): the dead-letters view and
+`cdp sync redeliver`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from confluent_kafka import TopicPartition
 
 from agents.errors import CdpError
 from agents.events import DeadLetter
@@ -63,3 +70,47 @@ class DeadLetters:
                value: bytes | None) -> Record:  # fmt: skip
         letter = dead_letter(stage=self.stage, error=error, topic=topic, partition=partition, offset=offset, key=key, value=value)
         return Record(self.topic, key, self.codec.encode(letter))
+
+
+@dataclass(frozen=True)
+class SyncLetter:
+    """A delivery the sync stage gave up, as read back from cdp.sync.dead-letter."""
+
+    offset: int
+    value: DeadLetter
+    raw: bytes
+
+    @property
+    def delivery_id(self) -> str:
+        try:
+            return str(orjson.loads(self.value["value"] or b"{}").get("id"))
+        except ValueError:
+            return f"{self.value['topic']}[{self.value['partition']}]@{self.value['offset']}"
+
+
+def sync_dead_letters(settings: Any, codecs: Any, destination: str, since_ms: int = 0) -> Iterator[SyncLetter]:
+    """A destination's dead letters failed at or after `since_ms`, oldest first, up to the topic's end now. The topic
+    is keyed by destination: they are all in one partition (shared with the destinations that hash there)."""
+    from topology.runtime.partition_reader import catch_up_consumer, read_range
+    from topology.runtime.partitioning import key_partition
+    from topology.topics import SYNC_DEAD_LETTER
+
+    topic, codec = SYNC_DEAD_LETTER.name(settings), codecs.for_topic(SYNC_DEAD_LETTER)
+    partition = key_partition(destination.encode(), SYNC_DEAD_LETTER.partition_count(settings))
+    consumer = catch_up_consumer(settings.kafka_bootstrap, f"{topic}.reader")
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)
+        position = low
+        if since_ms:
+            [found] = consumer.offsets_for_times([TopicPartition(topic, partition, since_ms)], timeout=30)
+            position = high if found.offset < 0 else max(found.offset, low)
+        while position < high:
+            messages, position = read_range(consumer, topic, partition, position, high, 10_000)
+            for message in messages:
+                letter = codec.decode(message.value())
+                if letter.get("destination") == destination and letter["failed_at"] >= since_ms and letter.get("key"):
+                    yield SyncLetter(message.offset(), letter, message.value())
+            if not messages:
+                break
+    finally:
+        consumer.close()

@@ -28,7 +28,7 @@ import logging
 import math
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +36,10 @@ from typing import Any
 
 import orjson
 
-from agents.errors import UndecodableError
+from agents.errors import InvalidRecord, UndecodableError
 from agents.sync.destinations import Destination
-from agents.sync.payloads import membership_deliveries, trait_deliveries
-from agents.sync.queue import QUEUED, Settled, enqueue, expire, queue_prefix, queued, settle, split_key
+from agents.sync.payloads import Delivery, membership_deliveries, trait_deliveries
+from agents.sync.queue import QUEUED, Settled, enqueue, expire, queue_prefix, queued, requeue, settle, split_key
 from agents.sync.retry import Attempt
 from agents.sync.schedule import Schedule
 from topology.codecs import AvroCodec
@@ -53,7 +53,10 @@ from topology.runtime.stage import Timer
 from topology.runtime.stage_io import Output, StageIO
 from topology.runtime.state_store import StateStore, Transaction
 from topology.spec import StageSpec, Wiring
-from topology.topics import AUDIENCE_MEMBERSHIP, DEFINITIONS, EVENTS_DEAD_LETTER, PROFILE_CHANGES, SYNC_DEAD_LETTER, SYNC_OUTCOMES, SYNC_STATE
+from topology.topics import (
+    AUDIENCE_MEMBERSHIP, DEFINITIONS, EVENTS_DEAD_LETTER, PROFILE_CHANGES, SYNC_DEAD_LETTER, SYNC_OUTCOMES, SYNC_REDELIVERIES,
+    SYNC_STATE,
+)  # fmt: skip
 from topology.web.metrics import Metric
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,7 @@ RECONCILE_S = 1.0  # how often couriers follow the destinations' definitions
 class SyncTopics:
     changes: str
     membership: str
+    redeliveries: str
     state: str
     outcomes: str
     dead_letter: str  # deliveries given up
@@ -98,6 +102,7 @@ class DestinationCounts:
 class SyncCounters:
     changes: int = 0
     deliveries_queued: int = 0
+    redelivered: Counter[str] = field(default_factory=Counter)  # queued, superseded, queued already, full
     dead_lettered: int = 0
     caught_up: int = 0
     per_destination: dict[str, DestinationCounts] = field(default_factory=lambda: defaultdict(DestinationCounts))
@@ -110,7 +115,7 @@ class SyncStage(PartitionedStage):
                  kinds: Mapping[str, Kind] = KINDS, clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         """`disable(name, reason)`: turn a destination off for every worker (a coroutine: a 410)."""
         io = StageIO(
-            name="sync", inputs={topics.changes: "traits", topics.membership: "memberships"},
+            name="sync", inputs={topics.changes: "traits", topics.membership: "memberships", topics.redeliveries: "redeliveries"},
             state_topic=topics.state, state_codec=codecs.state,
             dead_letters=DeadLetters("sync", topics.events_dead_letter, codecs.events_dead_letter),
         )  # fmt: skip
@@ -143,6 +148,9 @@ class SyncStage(PartitionedStage):
         if message.value is None:
             raise UndecodableError("empty record (no value)")
         destinations = self.destinations()
+        if mark == "redeliveries":
+            self._redeliver(self.codecs.dead_letter.decode(message.value), message, tx, destinations, out)
+            return
         if not destinations:
             return  # nothing to deliver to: not even decoded (a destination defined later starts from its definition)
         membership = mark == "memberships"
@@ -166,6 +174,33 @@ class SyncStage(PartitionedStage):
                         "subject": delivery.subject, "payload": delivery.payload, "attempts": 0, "status": None,
                         "response": None, "origin": origin}  # fmt: skip
                 out.atomic.append(self._dead_letter(destination.name, item, reason))
+
+    def _redeliver(self, letter: dict[str, Any], message: InputRecord, tx: Transaction, destinations: Mapping[str, Destination],
+                   out: Output) -> None:  # fmt: skip
+        """A dead letter `cdp sync redeliver` handed back: queued again with its id, or superseded (agents/sync/queue.py)."""
+        name = letter.get("destination")
+        destination = destinations.get(name)  # type: ignore[arg-type]
+        if destination is None:
+            raise InvalidRecord(f"a redelivery for destination {name!r:.80}, which is not defined")
+        try:
+            item = orjson.loads(letter["value"] or b"")
+            delivery = Delivery(item["id"], item["profile"], int(item["seq"]), item["call"], item["subject"], item["payload"], letter["failed_at"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidRecord(f"a redelivery for {name} whose value is not a delivery: {exc}") from None
+        if message.key != delivery.profile_id.encode():
+            raise InvalidRecord(f"a redelivery of {delivery.id} keyed {message.key!r:.60}, not by its profile {delivery.profile_id}")
+        origin = {"topic": letter["topic"], "partition": letter["partition"], "offset": letter["offset"]}
+        limit = max(1, math.ceil(destination.backlog / self.partitions))
+        done = requeue(tx, destination, delivery, origin, self.now(), limit)
+        self._counters.redelivered[done] += 1
+        if done == "queued":
+            self._touched[self._partition].add((name, delivery.profile_id))  # type: ignore[arg-type]
+        elif done != "queued already":
+            status, error = ("superseded", "a newer change was delivered since") if done == "superseded" else ("dead_lettered", "backlog full")
+            out.atomic.append(Record(self.topics.outcomes, name.encode(), self.codecs.outcome.encode({  # type: ignore[union-attr]
+                "destination": name, "idempotency_key": delivery.id, "profile_id": delivery.profile_id, "status": status,
+                "http_status": None, "attempt": letter["attempts"], "attempted_at": self.now(), "next_attempt_at": None, "error": error,
+            })))  # fmt: skip
 
     def committed(self, partition: int, store: StateStore) -> None:
         for destination, profile in self._touched.pop(partition, ()):
@@ -355,16 +390,19 @@ class SyncStage(PartitionedStage):
         work = Metric("cdp_sync_total", "counter", "sync stage work, by what was done")
         for what in ("changes", "deliveries_queued", "dead_lettered", "caught_up"):
             work.add(getattr(self.counters, what), what=what)
+        redelivered = Metric("cdp_sync_redelivered_total", "counter", "dead letters handed back by `cdp sync redeliver`, by result")
+        for result, count in sorted(self._counters.redelivered.items()):
+            redelivered.add(count, result=result)
         transactions = Metric("cdp_transactions_total", "counter", "Kafka transactions committed (one per poll cycle, and per timer run)")
-        return [work, deliveries, backlog, disabled, transactions.add(self.transactions, stage=self.name), *self.cycles.metrics(self.name)]
+        return [work, redelivered, deliveries, backlog, disabled, transactions.add(self.transactions, stage=self.name), *self.cycles.metrics(self.name)]
 
 
 SPEC = StageSpec(
     "sync", "cdp worker (stage 'sync', read in batches beneath Faust; a courier per destination)",
-    (PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, DEFINITIONS), (SYNC_STATE, SYNC_OUTCOMES, SYNC_DEAD_LETTER, EVENTS_DEAD_LETTER),
+    (PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, SYNC_REDELIVERIES, DEFINITIONS), (SYNC_STATE, SYNC_OUTCOMES, SYNC_DEAD_LETTER, EVENTS_DEAD_LETTER),
     ("deliveries queued per destination and profile: RocksDB per partition, changelog = sync.state",),
     "changes to destinations (webhook), in order per profile, retried with backoff, dead-lettered when given up",
-    (PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, SYNC_STATE),
+    (PROFILE_CHANGES, AUDIENCE_MEMBERSHIP, SYNC_REDELIVERIES, SYNC_STATE),
 )  # fmt: skip
 
 
@@ -382,7 +420,7 @@ def wire(w: Wiring) -> SyncStage:
     return SyncStage(
         topics=SyncTopics(
             changes=PROFILE_CHANGES.name(settings), membership=AUDIENCE_MEMBERSHIP.name(settings),
-            state=SYNC_STATE.name(settings), outcomes=SYNC_OUTCOMES.name(settings),
+            redeliveries=SYNC_REDELIVERIES.name(settings), state=SYNC_STATE.name(settings), outcomes=SYNC_OUTCOMES.name(settings),
             dead_letter=SYNC_DEAD_LETTER.name(settings), events_dead_letter=EVENTS_DEAD_LETTER.name(settings),
         ),
         codecs=SyncCodecs(

@@ -10,6 +10,8 @@ lives in topology/web/identity_views.py and topology/web/compute_views.py; this 
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,9 @@ from faust.web import View
 from agents.compute.definitions import MAX_DEFINITION_BYTES
 from agents.errors import CdpError, ConfigError
 from topology.web.compute_views import INTERNAL, PAGE_DEFAULT, PAGE_MAX, ComputeViews
+from topology.codecs import Codecs
 from topology.config import Settings
+from topology.runtime.dead_letters import SyncLetter, sync_dead_letters
 from topology.destinations import redacted
 from topology.runtime.definitions_feed import KINDS, Conflict, DefinitionsFeed
 from topology.web.common import HttpError, read_body, same_secret
@@ -173,6 +177,19 @@ def register(
     async def _destinations(web: Any, request: Any) -> Any:
         return web.json({"destinations": destinations()})
 
+    codecs = Codecs(settings)
+
+    @app.page("/v1/destinations/{name}/dead-letters")
+    async def _dead_letters(web: Any, request: Any, name: str) -> Any:
+        """The destination's dead letters, newest first (read from cdp.sync.dead-letter; `since`: epoch ms)."""
+        destination, limit = text_param(name, "name"), limit_param(request)
+        text = request.query.get("since", "0")
+        if not (text.isascii() and text.isdigit() and len(text) <= 15):
+            raise HttpError(400, f"since is epoch milliseconds, not {text[:40]!r}")
+        since = int(text)
+        letters = await asyncio.to_thread(lambda: deque(sync_dead_letters(settings, codecs, destination, since), maxlen=limit))
+        return web.json({"destination": destination, "dead_letters": [_letter(letter) for letter in reversed(letters)]})
+
     @app.page("/health")
     async def _health(web: Any, request: Any) -> Any:
         return web.json({"status": "ok", "stages": stages})
@@ -180,6 +197,17 @@ def register(
     @app.page("/metrics")
     async def _metrics(web: Any, request: Any) -> Any:
         return web.text(render(metrics()))
+
+
+def _letter(letter: SyncLetter) -> dict[str, Any]:
+    value = letter.value
+    try:
+        delivery = orjson.loads(value["value"] or b"null")
+    except orjson.JSONDecodeError:
+        delivery = None
+    return {"offset": letter.offset, "failed_at": value["failed_at"], "reason": value["reason"], "attempts": value["attempts"],
+            "http_status": value["http_status"], "response": value["response"], "delivery": delivery,
+            "change": {"topic": value["topic"], "partition": value["partition"], "offset": value["offset"]}}  # fmt: skip
 
 
 def _kind(kinds: str) -> str:
