@@ -1,9 +1,9 @@
 """Which queued deliveries of one destination are ready to send, in memory (the queue itself is in the state:
 agents/sync/queue.py).
 
-One entry per (partition, profile): the key of the profile's first queued delivery (its *head*) and when it is due.
-`take` hands out due heads and marks them busy; a busy profile is not handed out again until its head is settled
-(`set_head(..., settled=True)` with whatever is first now, or `clear`) or `release`d (its outcome could not be
+One entry per (partition, profile): the key of the profile's next delivery to send (its *head*) and when it is due.
+`take` hands out due heads and marks them busy; a busy profile is not handed out again until its attempt is done
+(`set_head(..., done=<that key>)` with whatever is next now, or `clear`) or `release`d (its outcome could not be
 written: it goes again). A head that an input batch re-reads unchanged stays busy: the attempt in flight is for it.
 """
 
@@ -21,9 +21,11 @@ class Schedule:
     busy: dict[Slot, str] = field(default_factory=dict)  # slot -> the key in flight
     _heap: list[tuple[int, int, str, str]] = field(default_factory=list)  # (due, partition, profile, key), lazy
 
-    def set_head(self, partition: int, profile: str, key: str, due: int, *, settled: bool = False) -> None:
+    def set_head(self, partition: int, profile: str, key: str, due: int, *, done: str | None = None) -> None:
+        """`done`: the key whose attempt just ended (it no longer holds the profile busy)."""
         slot = (partition, profile)
-        freed = (settled or self.busy.get(slot, key) != key) and self.busy.pop(slot, None) is not None
+        busy = self.busy.get(slot)
+        freed = busy is not None and (busy == done or busy != key) and self.busy.pop(slot, None) is not None
         if self.heads.get(slot) != (due, key) or freed:  # a busy head's heap entry may have been dropped: push again
             self.heads[slot] = (due, key)
             heapq.heappush(self._heap, (due, partition, profile, key))

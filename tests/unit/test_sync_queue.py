@@ -40,10 +40,10 @@ class DictState:
         return sorted(key for key in self.records if key.startswith(prefix))
 
 
-def refresh(state: DictState, schedule: Schedule, profile: str, settled: bool = False) -> None:
+def refresh(state: DictState, schedule: Schedule, profile: str, done: str | None = None) -> None:
     keys = state.keys(queue_prefix("crm", profile))
     if keys:
-        schedule.set_head(0, profile, keys[0], state.records[keys[0]]["due"], settled=settled)
+        schedule.set_head(0, profile, keys[0], state.records[keys[0]]["due"], done=done)
     else:
         schedule.clear(0, profile)
 
@@ -77,21 +77,21 @@ def test_each_delivery_ends_once_in_order_per_profile_whatever_the_destination_a
             item = state.records[key]
             assert item["due"] <= now
             if now - item["queued_at"] > DESTINATION.max_age_ms:
-                end(profile, expire(state, DESTINATION, key, now))
+                end(profile, key, expire(state, DESTINATION, key, now))
                 continue
             sent.setdefault(profile, []).append(item["seq"])
             in_flight.append((profile, key))
 
     def answer(how: str) -> None:
         profile, key = in_flight.pop(0)
-        end(profile, settle(state, DESTINATION, key, ANSWERS[how], now, rnd.random()))
+        end(profile, key, settle(state, DESTINATION, key, ANSWERS[how], now, rnd.random()))
 
-    def end(profile: str, settled: Any) -> None:
+    def end(profile: str, key: str, settled: Any) -> None:
         assert settled is not None
         if settled.outcome != "retry":
             assert settled.item["id"] not in ended
             ended[settled.item["id"]] = "delivered" if settled.outcome == "delivered" else "dead"
-        refresh(state, schedule, profile, settled=True)
+        refresh(state, schedule, profile, done=key)
 
     for step in steps:
         if step[0] == "change":

@@ -169,7 +169,8 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     defaults = {"ingest": 200_000, "dedup": 200_000, "identity": 100_000,  # identity: 6 runs at ~1-2 k events/s (≈ 12 min)
                 "compute": 40_000,  # per definition count (10, 50, 200), plus latency and backfill runs
-                "pipeline": 60_000}  # per configuration
+                "pipeline": 60_000,  # per configuration
+                "sync": 20_000}  # per mode (single, batched), and the floor's requests
     events = args.events if args.events is not None else defaults[args.stage]
     if args.stage == "pipeline":
         from bench.pipeline_bench import run_pipeline_bench
@@ -177,6 +178,10 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         print(run_pipeline_bench(settings, events=events, configurations=[c for c in args.configurations.split(",") if c],
                                  worker_counts=[int(w) for w in args.workers.split(",")], latency_seconds=args.latency_seconds,
                                  flood_seconds=args.flood_seconds, out=args.out))  # fmt: skip
+    elif args.stage == "sync":
+        from bench.sync import run_sync_bench
+
+        print(run_sync_bench(settings, deliveries=events, latency_seconds=args.latency_seconds, out=args.out))
     elif args.stage == "ingest":
         from bench.ingest import run_ingest_bench
 
@@ -253,13 +258,13 @@ def parser() -> argparse.ArgumentParser:
     redeliver.add_argument("--since", help="only letters failed at or after: an ISO time, epoch ms, or a duration ago (2h)")
     redeliver.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for their outcomes")
     bench = sub.add_parser("bench", help="benchmarks; figures as JSON")
-    bench.add_argument("stage", choices=["pipeline", "ingest", "dedup", "identity", "compute"])
+    bench.add_argument("stage", choices=["pipeline", "ingest", "dedup", "identity", "compute", "sync"])
     bench.add_argument("--events", type=int, help="events per run (default 200000; identity 100000; compute 40000)")
     bench.add_argument("--batch-size", type=int, default=100)
     bench.add_argument("--out", type=Path, help="write the JSON report here too")
     bench.add_argument("--configurations", default="example,50,200", help="pipeline: definition sets (example, 50, 200)")
     bench.add_argument("--workers", default="1,2", help="pipeline: worker counts (2 and more run the example config)")
-    bench.add_argument("--latency-seconds", type=float, default=20.0, help="pipeline: steady-rate run length, 0 for none")
+    bench.add_argument("--latency-seconds", type=float, default=20.0, help="pipeline, sync: steady-rate run length, 0 for none")
     bench.add_argument("--flood-seconds", type=float, default=60.0, help="pipeline: HTTP flood run length, 0 for none")
     return root
 

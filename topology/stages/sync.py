@@ -40,7 +40,7 @@ from agents.errors import InvalidRecord, UndecodableError
 from agents.sync.destinations import Destination
 from agents.sync.payloads import Delivery, membership_deliveries, trait_deliveries
 from agents.sync.queue import QUEUED, Settled, enqueue, expire, queue_prefix, queued, requeue, settle, split_key
-from agents.sync.retry import Attempt
+from agents.sync.retry import Attempt, verdict
 from agents.sync.schedule import Schedule
 from topology.codecs import AvroCodec
 from topology.destinations import KINDS, Kind, SenderContext
@@ -129,6 +129,7 @@ class SyncStage(PartitionedStage):
         self._schedules: dict[str, Schedule] = defaultdict(Schedule)
         self._couriers: dict[str, Courier] = {}
         self._answers: dict[int, list[tuple[str, str, Attempt | None]]] = defaultdict(list)
+        self._unsettled: set[tuple[int, str, str]] = set()  # (partition, destination, key): delivered, not written yet
         self._flushed = asyncio.Event()
 
     @property
@@ -206,34 +207,35 @@ class SyncStage(PartitionedStage):
         for destination, profile in self._touched.pop(partition, ()):
             self._refresh(partition, store, destination, profile)
 
-    def _refresh(self, partition: int, store: StateStore, destination: str, profile: str, settled: bool = False) -> None:
+    def _refresh(self, partition: int, store: StateStore, destination: str, profile: str, done: str | None = None) -> None:
+        """The profile's next delivery to send: its first queued one that is not delivered already (`_unsettled`)."""
         schedule = self._schedules[destination]
-        key = next(store.keys(queue_prefix(destination, profile)), None)
+        key = next((k for k in store.keys(queue_prefix(destination, profile)) if (partition, destination, k) not in self._unsettled), None)
         item = None if key is None else store.get(key)
         if key is None or item is None:
             schedule.clear(partition, profile)
         else:
-            schedule.set_head(partition, profile, key, item["due"], settled=settled)
+            schedule.set_head(partition, profile, key, item["due"], done=done)
             courier = self._couriers.get(destination)
             if courier is not None:
                 courier.wake()
 
     def on_ready(self, partition: int, store: StateStore) -> None:
-        """The partition's queues as its store holds them (after a restart, a rebalance or a catch-up)."""
-        for schedule in self._schedules.values():
-            schedule.drop_partition(partition)
-        last: tuple[str, str] | None = None
-        for key in store.keys(QUEUED):
-            queue = split_key(key)
-            if queue != last:
-                self._refresh(partition, store, *queue)
-                last = queue
+        """The partition's queues as its store holds them (after a restart, a rebalance or a catch-up). A delivery in
+        flight whose queue is still there stays busy: a catch-up must not send it a second time."""
+        queues = {split_key(key) for key in store.keys(QUEUED)}
+        for destination, schedule in self._schedules.items():
+            for slot in [slot for slot in schedule.heads if slot[0] == partition and (destination, slot[1]) not in queues]:
+                schedule.clear(*slot)
+        for queue in sorted(queues):
+            self._refresh(partition, store, *queue)
 
     async def on_partitions_revoked(self, partitions: set[int]) -> None:
         await super().on_partitions_revoked(partitions)
         for partition in partitions:
             if partition not in self.owned():
                 self._answers.pop(partition, None)
+                self._unsettled = {entry for entry in self._unsettled if entry[0] != partition}
                 for schedule in self._schedules.values():
                     schedule.drop_partition(partition)
 
@@ -282,7 +284,14 @@ class SyncStage(PartitionedStage):
         return len(self.owned()) / self.partitions
 
     def _answer(self, destination: str, partition: int, key: str, attempt: Attempt | None) -> None:
+        """An attempt's answer, written at the next flush. A delivered one lets the profile's next delivery go at once
+        (it is in order: this one arrived): a crash before the flush sends both again, in order, with their ids."""
         self._answers[partition].append((destination, key, attempt))
+        if attempt is not None and verdict(attempt) == "delivered":
+            self._unsettled.add((partition, destination, key))
+            store = self.readable_store(partition)
+            if store is not None:
+                self._refresh(partition, store, destination, split_key(key)[1], done=key)
 
     async def _flush_forever(self) -> None:
         while True:
@@ -300,14 +309,19 @@ class SyncStage(PartitionedStage):
                         self._answers[partition][:0] = items
                 await asyncio.sleep(1.0)
                 continue
-            for partition in set(answers) - set(done):  # not ours (any more) or not ready: its new owner sends again
-                for destination, key, _ in answers[partition]:
+            for partition in set(answers) - set(done):
+                if partition in self.owned():  # catching up: written at a later flush
+                    self._answers[partition][:0] = answers[partition]
+                    continue
+                for destination, key, _ in answers[partition]:  # not ours any more: its new owner sends them again
+                    self._unsettled.discard((partition, destination, key))
                     self._schedules[destination].release(partition, split_key(key)[1])
             for partition in done:
                 store = self.readable_store(partition)
                 for destination, key, _ in answers[partition]:
+                    self._unsettled.discard((partition, destination, key))
                     if store is not None:
-                        self._refresh(partition, store, destination, split_key(key)[1], settled=True)
+                        self._refresh(partition, store, destination, split_key(key)[1], done=key)
             for destination, settled, tried in tallies:
                 self._count(destination, settled, tried)
             self._flushed.set()
@@ -332,6 +346,7 @@ class SyncStage(PartitionedStage):
             if settled.outcome in ("dead", "gone"):
                 out.atomic.append(self._dead_letter(name, item, settled.reason or "given up"))
             if settled.outcome == "gone":
+                log.warning("sync: %s answered %s: it is turned off until its definition is POSTed again", name, item["error"])
                 asyncio.ensure_future(self._disable(name, item["error"] or "HTTP 410"))
         return tallies
 
