@@ -7,7 +7,6 @@ import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
@@ -73,12 +72,3 @@ class Receivers:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 
-
-def ok(_: int) -> tuple[int, str, dict[str, str]]:
-    return 200, "ok", {}
-
-
-def json_of(received: Received) -> Any:
-    import orjson
-
-    return orjson.loads(received.body)

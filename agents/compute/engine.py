@@ -53,6 +53,7 @@ from agents.compute import traits as trait_state
 from agents.compute.backfill import BACKFILLS, Backfills, DefinitionsBehind
 from agents.compute.commands import check_command, check_merge
 from agents.compute.generations import Live
+from agents.compute.identifiers import carried, fold_identifiers, note_identifiers, who
 from agents.errors import InvalidRecord, Waiting
 from agents.state import Overlay, State, check_sizes
 
@@ -265,7 +266,7 @@ class ComputeEngine:
             return
         stored = state.get(profile_key(profile_id))
         record = stored or _new_record()
-        note_identifiers(record, identifiers or _carried(event))
+        note_identifiers(record, identifiers or carried(event))
         at = min(max(int(event["timestamp"]), 0), now)  # a client clock ahead of ours counts now, not in a future bucket
         counted = {**event, "timestamp": at} if at != event["timestamp"] else event
         touched = []
@@ -335,7 +336,7 @@ class ComputeEngine:
         if other is None:
             return
         record = state.get(profile_key(survivor)) or _new_record()
-        _fold_identifiers(record, other)
+        fold_identifiers(record, other)
         live, touched = self._live(), []
         for sid, part in other["t"].items():
             if sid in live.by_sid:
@@ -474,36 +475,6 @@ def _new_record() -> Record:
     return {"t": {}, "v": {}, "i": {}, "m": {}, "seq": 0, "x": None}
 
 
-KEY_IDENTIFIERS = ("user_id", "anonymous_id", "email")  # what every change says of its profile (whom it is about)
-
-
-def note_identifiers(record: Record, identifiers: Iterable[Mapping[str, str]]) -> None:
-    """Keep the latest value of each key identifier type an event of the profile carried (`record["ids"]`), for the
-    changes to name their profile: a destination must know whom a change is about, without a lookup per delivery."""
-    held = record.get("ids")
-    for identifier in identifiers:
-        kind = identifier["type"]
-        if kind in KEY_IDENTIFIERS and (held is None or held.get(kind) != identifier["value"]):
-            held = record["ids"] = {**(held or {}), kind: identifier["value"]}
-
-
-def _carried(event: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The ids an event names itself (a forwarded event travels without identity's list)."""
-    return [{"type": kind, "value": event[kind]} for kind in ("user_id", "anonymous_id") if event.get(kind)]
-
-
-def _fold_identifiers(record: Record, other: Record) -> None:
-    """A merged profile's key identifiers fill the survivor's gaps (the survivor's own, newer by the merge, win)."""
-    theirs = other.get("ids") or {}
-    if theirs:
-        record["ids"] = {**theirs, **(record.get("ids") or {})}
-
-
-def _who(record: Record) -> Record:
-    held = record.get("ids") or {}
-    return {kind: held.get(kind) for kind in KEY_IDENTIFIERS}
-
-
 def _shown(kind: str, value: Any) -> Any:
     """What a change says: a trait with nothing counted yet (count 0, an empty list) is 'no value', as before its
     first event; a real 0 of min, max, avg, first or last stays 0."""
@@ -513,10 +484,10 @@ def _shown(kind: str, value: Any) -> Any:
 def _change(profile_id: str, trait: str, origin: str, old: Any, new: Any, record: Record, cause: Cause) -> Record:
     record["seq"] += 1
     return {"profile_id": profile_id, "trait": trait, "origin": origin, "old_value": old, "new_value": new,
-            "timestamp": cause.timestamp, "message_id": cause.message_id, "seq": record["seq"], **_who(record)}  # fmt: skip
+            "timestamp": cause.timestamp, "message_id": cause.message_id, "seq": record["seq"], **who(record)}  # fmt: skip
 
 
 def _membership(profile_id: str, audience: str, transition: str, record: Record, cause: Cause) -> Record:
     record["seq"] += 1
     return {"profile_id": profile_id, "audience": audience, "transition": transition, "timestamp": cause.timestamp,
-            "seq": record["seq"], "reason": cause.reason, "message_id": cause.message_id, **_who(record)}  # fmt: skip
+            "seq": record["seq"], "reason": cause.reason, "message_id": cause.message_id, **who(record)}  # fmt: skip

@@ -118,6 +118,15 @@ def expected_ids(found: list[dict[str, Any]], destination: str, calls: tuple[str
     return out
 
 
+def last_values(found: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per profile, each audience's and trait's last value on the change topics: what a receiver must end with."""
+    last: dict[str, dict[str, Any]] = defaultdict(dict)
+    for change in found:
+        subject = change.get("audience") or change.get("trait")
+        last[change["profile_id"]][subject] = (change["transition"] == "entered") if change["topic"] == "audiences" else change["new_value"]
+    return last
+
+
 def verified(received: list[Received], path: str) -> list[dict[str, Any]]:
     hook = Webhook(SECRETS[path])
     return [hook.verify(r.body, {k.lower(): v for k, v in r.headers.items()}) for r in received]
@@ -157,11 +166,7 @@ def test_every_change_reaches_each_destination_once_in_order_signed_and_refusals
             who = {key: change[field] for key, field in (("userId", "user_id"), ("anonymousId", "anonymous_id")) if change[field]}
             assert who and all(body[key] == value for key, value in who.items()), f"{path}: {body} does not say whom it is about"
         assert all(seqs == sorted(seqs) for seqs in order.values()), f"{path}: a profile's deliveries out of order"
-        last: dict[str, dict[str, Any]] = defaultdict(dict)
-        for change in found:
-            subject = change.get("audience") or change.get("trait")
-            last[change["profile_id"]][subject] = (change["transition"] == "entered") if change["topic"] == "audiences" else change["new_value"]
-        assert view == last, f"{path}: the receiver's view differs from the change topics"
+        assert view == last_values(found), f"{path}: the receiver's view differs from the change topics"
     assert any(r.status == 503 for r in receivers.got("flaky")), "the flaky receiver never failed: the test proves nothing"
 
     refused = receivers.got("refusing")
@@ -259,7 +264,11 @@ def test_a_destination_posted_at_run_time_is_live_and_a_410_turns_it_off_until_p
     def off() -> bool:
         return next(d for d in destinations(port) if d["name"] == "gone")["status"] == "disabled"
 
-    wait_until(off, timeout=90, what="a 410 to turn the destination off")
+    try:
+        wait_until(off, timeout=90, what="a 410 to turn the destination off")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the receiver got {[r.status for r in receivers.got('gone')]} from `gone`; "
+                             f"status {destinations(port)}") from None
     shown = next(d for d in requests.get(f"http://127.0.0.1:{port}/v1/definitions/destinations", timeout=10).json()["destinations"]
                  if d["definition"]["name"] == "gone")  # fmt: skip
     assert "410" in shown["definition"]["disabled"]["reason"]
@@ -325,10 +334,6 @@ def test_a_worker_killed_mid_delivery_loses_nothing_and_repeats_only_with_the_sa
                 if subject != "email" and change["seq"] >= last_seq.get((change["profile_id"], subject), -1):
                     view[change["profile_id"]][subject] = value
                     last_seq[(change["profile_id"], subject)] = change["seq"]
-        last: dict[str, dict[str, Any]] = defaultdict(dict)
-        for change in found:
-            subject = change.get("audience") or change.get("trait")
-            last[change["profile_id"]][subject] = (change["transition"] == "entered") if change["topic"] == "audiences" else change["new_value"]
-        assert view == last
+        assert view == last_values(found)
     finally:
         pipe.stop_all()

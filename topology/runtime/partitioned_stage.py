@@ -320,13 +320,9 @@ class PartitionedStage:
             return False
 
         async def attempt(partition: int, _: Any) -> None:
-            store = await self._ready_store(partition)
-            tx, out = Transaction(store), Output()
-            with spent_by(self.io.name):
-                self.prepare(partition, tx)
-                work(tx, out)
-            if tx.changes or out.outbox or out.atomic:
-                await self._finish([Part(partition, store, tx.changes, out, tx.unlogged)])
+            part = await self._worked(partition, lambda p, tx, out: work(tx, out))
+            if part.changes or part.out.outbox or part.out.atomic:
+                await self._finish([part])
 
         await self._until_written(partition, attempt, None)
         return True
@@ -344,12 +340,7 @@ class PartitionedStage:
                 await locks.enter_async_context(self._lock(partition))
                 if partition not in self._assigned:
                     continue
-                store = await self._ready_store(partition)
-                tx, out = Transaction(store), Output()
-                with spent_by(self.io.name):
-                    self.prepare(partition, tx)
-                    work(partition, tx, out)
-                parts.append(Part(partition, store, tx.changes, out, tx.unlogged))
+                parts.append(await self._worked(partition, work))
             changed = [part for part in parts if part.changes or part.out.outbox or part.out.atomic]
             try:
                 if changed:
@@ -358,6 +349,15 @@ class PartitionedStage:
                 self._stale.update(part.partition for part in parts)
                 raise
         return [part.partition for part in parts]
+
+    async def _worked(self, partition: int, work: Callable[[int, Transaction, Output], None]) -> Part:
+        """A partition's share of a timer's (or run_across's) transaction: `work` on its ready store, like a batch."""
+        store = await self._ready_store(partition)
+        tx, out = Transaction(store), Output()
+        with spent_by(self.io.name):
+            self.prepare(partition, tx)
+            work(partition, tx, out)
+        return Part(partition, store, tx.changes, out, tx.unlogged)
 
     def expire_memos_in(self, tx: Transaction, now_ms: int) -> int:
         """Delete the partition's memos past the horizon, oldest first, at most MEMOS_PER_RUN keys; how many memos.
