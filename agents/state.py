@@ -82,6 +82,20 @@ class Overlay:
         self.changes.clear()
 
 
+def keys_under(state: Any, prefix: str) -> list[str]:
+    """The keys under `prefix` as `state` sees them, sorted: each overlay's writes and deletes over the keys of the
+    store at the bottom (which must have `keys(prefix)`)."""
+    decided: dict[str, bool] = {}
+    layer = state
+    while isinstance(layer, Overlay):
+        for key, value in layer.changes.items():
+            if key.startswith(prefix) and key not in decided:
+                decided[key] = value is not None
+        layer = layer.base
+    kept = {key for key, present in decided.items() if present}
+    return sorted(kept | {key for key in layer.keys(prefix) if key not in decided})
+
+
 def check_sizes(overlay: Overlay, limit: int | None) -> None:
     """InvalidRecord if a step would make a record larger than `limit` bytes of JSON (None: no limit). The stages
     set it under what a Kafka record holds: a state record that outgrew it could never be written, and its

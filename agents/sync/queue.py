@@ -3,11 +3,18 @@
     queued    "q|<destination>|<profile>|<seq, 15 digits>|<call>" -> the delivery, its attempts and when it is due
     count     "n|<destination>"                                   -> {"n": deliveries queued in this partition}
     delivered "v|<destination>|<profile>|<subject>"               -> {"seq": the newest change delivered for it}
+    read      "c|<profile>"                                       -> {"seq": every change up to it read, "ahead": [...]}
 
 Keys sort by (destination, profile, seq, call), so a profile's first key for a destination is the one to deliver
 next: while it waits for a retry, the profile's later changes for that destination wait behind it; other profiles
 and destinations go on. A delivery leaves the queue once its outcome is settled (`settle`), in the same Kafka
 transaction as the outcome record (and dead letter): a crash before that sends it again, with the same id.
+
+Compute numbers a profile's changes 1, 2, 3, ... across both change topics, written in one transaction, but a poll
+may bring one topic's records of it before the other's. So a delivery whose earlier changes have not all been read
+(`read_change`) is queued *held* (due HOLD_MS later); once the gap fills, its profile's held deliveries are
+released (`release_held`) and go in seq order. A gap that does not fill within HOLD_MS (a profile whose first
+changes predate the destination) is given up: the deliveries go, and the count jumps past it.
 
 A dead letter handed back (`cdp sync redeliver`) is queued again with its id, in its seq's place — unless a newer
 change of the same profile, destination and subject (audience or trait) was delivered since: then it is
@@ -19,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agents.state import State
+from agents.state import State, keys_under
 from agents.sync.destinations import Destination
 from agents.sync.payloads import Delivery
 from agents.sync.retry import Attempt, backoff_ms, verdict
@@ -54,16 +61,52 @@ def queued(state: State, destination: str) -> int:
     return (state.get(count_key(destination)) or {"n": 0})["n"]
 
 
-def enqueue(state: State, destination: Destination, delivery: Delivery, origin: dict[str, Any], now: int, limit: int) -> bool:
-    """Queue a delivery behind the profile's earlier ones; False if the partition's share of the destination's
-    backlog is full (the caller dead-letters it: a dead endpoint must not fill the disk)."""
+HOLD_MS = 5_000
+
+
+def read_key(profile_id: str) -> str:
+    return f"c|{profile_id}"
+
+
+def read_change(state: State, profile_id: str, seq: int, now: int) -> tuple[bool, int | None]:
+    """Note that the profile's change `seq` was read: (whether every earlier change of the profile was read too, the
+    seq up to which held deliveries may now go, if that moved)."""
+    record = state.get(read_key(profile_id)) or {"seq": 0, "ahead": [], "since": None}
+    if seq <= record["seq"]:
+        return True, None
+    upto, ahead = record["seq"], sorted({*record["ahead"], seq})
+    while ahead and ahead[0] == upto + 1:
+        upto = ahead.pop(0)
+    if ahead and record["since"] is not None and now - record["since"] > HOLD_MS:
+        upto, ahead = ahead[-1], []  # a gap that never filled: go on past it
+    state.put(read_key(profile_id), {"seq": upto, "ahead": ahead, "since": (record["since"] or now) if ahead else None})
+    return seq <= upto, upto if upto > record["seq"] else None
+
+
+def release_held(state: State, destination: str, profile_id: str, upto: int, now: int) -> bool:
+    """Make the profile's held deliveries up to seq `upto` due now; whether there were any."""
+    released = False
+    for key in keys_under(state, queue_prefix(destination, profile_id)):
+        item = state.get(key)
+        if item is not None and item.get("held") and item["seq"] <= upto:
+            state.put(key, {**item, "held": False, "due": min(item["due"], now)})
+            released = True
+    return released
+
+
+def enqueue(state: State, destination: Destination, delivery: Delivery, origin: dict[str, Any], now: int, limit: int,
+            held: bool = False) -> bool:  # fmt: skip
+    """Queue a delivery behind the profile's earlier ones (`held`: an earlier change is not read yet); False if the
+    partition's share of the destination's backlog is full (the caller dead-letters it: a dead endpoint must not
+    fill the disk)."""
     count = queued(state, destination.name)
     if count >= limit:
         return False
     state.put(queue_key(destination.name, delivery.profile_id, delivery.seq, delivery.call), {
         "id": delivery.id, "profile": delivery.profile_id, "seq": delivery.seq, "call": delivery.call,
         "subject": delivery.subject, "payload": delivery.payload, "happened_at": delivery.happened_at,
-        "queued_at": now, "attempts": 0, "due": now, "status": None, "error": None, "response": None, "origin": origin,
+        "queued_at": now, "attempts": 0, "due": now + HOLD_MS if held else now, "held": held, "status": None, "error": None,
+        "response": None, "origin": origin,
     })  # fmt: skip
     state.put(count_key(destination.name), {"n": count + 1})
     return True

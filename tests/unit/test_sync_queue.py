@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from agents.sync.destinations import parse_destination
 from agents.sync.payloads import Delivery
-from agents.sync.queue import QUEUED, enqueue, expire, queue_prefix, queued, requeue, settle
+from agents.sync.queue import HOLD_MS, QUEUED, enqueue, expire, queue_prefix, queued, read_change, release_held, requeue, settle
 from agents.sync.retry import Attempt, backoff_ms
 from agents.sync.schedule import Schedule
 from topology.destinations import CHECKS
@@ -154,3 +154,18 @@ def test_a_dead_letter_handed_back_is_superseded_by_a_newer_delivered_change_of_
     assert requeue(state, DESTINATION, Delivery("d4", "p", 4, "identify", "audience:a", {}, 0), {}, 2, limit=10) == "queued"
     assert requeue(state, DESTINATION, Delivery("d4", "p", 4, "identify", "audience:a", {}, 0), {}, 2, limit=10) == "queued already"
     assert requeue(state, DESTINATION, Delivery("d5", "q", 1, "identify", "audience:a", {}, 0), {}, 2, limit=1) == "full"
+
+
+def test_a_change_read_before_an_earlier_one_is_held_until_the_gap_fills_or_times_out() -> None:
+    """Compute numbers a profile's changes 1, 2, 3 over both topics; a poll may bring seq 2 before seq 1."""
+    state = DictState()
+    ready, upto = read_change(state, "p", 2, 0)
+    assert (ready, upto) == (False, None)
+    enqueue(state, DESTINATION, Delivery("d2", "p", 2, "identify", "audience:a", {}, 0), {}, 0, limit=10, held=True)
+    assert state.records[state.keys(QUEUED)[0]]["due"] == HOLD_MS
+    assert read_change(state, "p", 1, 10) == (True, 2)  # 1 fills the gap: everything up to 2 was read
+    assert release_held(state, "crm", "p", 2, 10) and state.records[state.keys(QUEUED)[0]]["due"] == 10
+    assert read_change(state, "p", 1, 11) == (True, None)  # a repeat
+    assert read_change(state, "p", 5, 20) == (False, None)  # 3 and 4 never come ...
+    assert read_change(state, "p", 6, 21) == (False, None)
+    assert read_change(state, "p", 7, 20 + HOLD_MS + 1) == (True, 7)  # ... so after HOLD_MS the count goes past them

@@ -14,11 +14,9 @@ that takes the profiles whose first queued delivery is due (agents/sync/schedule
 or waits for its retry, and every attempt's outcome goes to cdp.sync.outcomes. A crash between a destination's
 answer and that transaction sends the delivery again with the same id, which is the receiver's idempotency key.
 
-Order: a profile's deliveries to a destination go one at a time in the order of its changes' `seq`; the two input
-topics are read in one poll, so a trait change and an audience change of one compute transaction are queued in seq
-order. Across polls the stage does not wait for the other topic: if one topic's records of a transaction arrive a
-poll later than the other's, a later seq can be sent first (rare; a Postgres destination's per-value guard makes it
-harmless there).
+Order: a profile's deliveries to a destination go one at a time in the order of its changes' `seq`. A change read
+before an earlier one of its profile (the other topic's records of a compute transaction may come a poll later) is
+held until the gap fills (agents/sync/queue.py, `read_change`).
 """
 
 from __future__ import annotations
@@ -39,7 +37,9 @@ import orjson
 from agents.errors import InvalidRecord, UndecodableError
 from agents.sync.destinations import Destination
 from agents.sync.payloads import Delivery, membership_deliveries, trait_deliveries
-from agents.sync.queue import QUEUED, Settled, enqueue, expire, queue_prefix, queued, requeue, settle, split_key
+from agents.sync.queue import (
+    QUEUED, Settled, enqueue, expire, queue_prefix, queued, read_change, release_held, requeue, settle, split_key,
+)  # fmt: skip
 from agents.sync.retry import Attempt, verdict
 from agents.sync.schedule import Schedule
 from topology.codecs import AvroCodec
@@ -159,13 +159,16 @@ class SyncStage(PartitionedStage):
         self._counters.changes += 1
         origin = {"topic": message.topic, "partition": self._partition, "offset": message.offset}
         now = self.now()
+        ready, upto = read_change(tx, change["profile_id"], change["seq"], now)
         for destination in destinations.values():
+            if upto is not None and release_held(tx, destination.name, change["profile_id"], upto, now):
+                self._touched[self._partition].add((destination.name, change["profile_id"]))
             deliveries = membership_deliveries(change, destination) if membership else trait_deliveries(change, destination)
             limit = max(1, math.ceil(destination.backlog / self.partitions))
             for delivery in deliveries:
                 if destination.disabled is not None:
                     reason = f"destination disabled ({destination.disabled.get('reason')})"
-                elif not enqueue(tx, destination, delivery, origin, now, limit):
+                elif not enqueue(tx, destination, delivery, origin, now, limit, held=not ready):
                     reason = f"backlog full: {limit} deliveries queued in partition {self._partition} (backlog {destination.backlog})"
                 else:
                     self._touched[self._partition].add((destination.name, delivery.profile_id))
@@ -262,10 +265,11 @@ class SyncStage(PartitionedStage):
         try:
             wanted = self.destinations()
             for name in list(self._couriers):
-                if wanted.get(name) is not self._couriers[name].destination:
-                    await self._couriers.pop(name).stop()
+                if wanted.get(name) != self._couriers[name].destination:  # gone or changed (equal: keeps going)
+                    stopping = self._couriers.pop(name)
+                    asyncio.ensure_future(stopping.stop())  # in the background: a slow close must not hold up the others
                     schedule = self._schedules[name]
-                    for slot in list(schedule.busy):  # its sends were cancelled: the next courier sends them again
+                    for slot in list(schedule.busy):  # its sends are cancelled: the next courier sends them again
                         schedule.release(*slot)
             for name, destination in wanted.items():
                 if name not in self._couriers and destination.kind in self.kinds:
@@ -273,6 +277,7 @@ class SyncStage(PartitionedStage):
                                       load=self._load, report=self._answer, share=self._share)  # fmt: skip
                     self._couriers[name] = courier
                     courier.start()
+                    log.info("sync: delivering to %s (%s)%s", name, destination.kind, " — disabled" if destination.disabled else "")
         except Exception:
             log.exception("sync: following the destinations failed; trying again")
 
