@@ -1,12 +1,13 @@
 # The two README commands: `make dev` runs the pipeline, `make test` runs every test. Each installs what it needs:
 # the virtualenv and Python dependencies here, the Kafka broker jars (Maven Central) on first broker start,
-# and the npm packages of the official-client test.
+# the npm packages of the official-client test, and Debian's postgresql (the warehouse destination's tests start
+# their own server from its binaries) when it is missing.
 PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 NODE_CLIENT := tests/clients/node
 
-.PHONY: dev test install kafka-start kafka-stop bench
+.PHONY: dev test install postgres kafka-start kafka-stop bench
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +18,12 @@ $(INSTALLED): pyproject.toml
 $(NODE_CLIENT)/node_modules/.package-lock.json: $(NODE_CLIENT)/package-lock.json
 	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
 
-install: $(INSTALLED) $(NODE_CLIENT)/node_modules/.package-lock.json
+postgres:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+	  sudo=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends postgresql; }
+
+install: $(INSTALLED) $(NODE_CLIENT)/node_modules/.package-lock.json postgres
 
 dev: $(INSTALLED)
 	$(VENV)/bin/cdp dev

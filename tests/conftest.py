@@ -1,4 +1,5 @@
-"""Session fixtures: one real Kafka broker for the whole run (or the cluster CDP_KAFKA_BOOTSTRAP names).
+"""Session fixtures: one real Kafka broker for the whole run (or the cluster CDP_KAFKA_BOOTSTRAP names), and one real
+Postgres server for the tests that ask for it (tests/postgres_server.py).
 
 The broker comes from topology.ops.kafka_local, the same code as `cdp kafka start`, with its jars cached in
 .cache/kafka-runtime (fetched from Maven Central once per checkout) and its data in a temp dir.
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.postgres_server import PostgresServer
 from tests.support import REPO_ROOT, Pipeline, free_ports
 from topology.config import Settings
 
@@ -50,3 +52,14 @@ def pipeline(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Pipeline]:
         yield pipe
     finally:
         pipe.stop_all()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """Debian's Postgres in a temp dir on its own port, for the whole run (each test uses its own schema)."""
+    server = PostgresServer().start()
+    print(f"\npostgres: {server.bin.parent.name} on port {server.port}")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -3,24 +3,28 @@
 One pipeline, one stream of events (anonymous visitors who identify later: merges, trait changes, audience entries
 and exits), three webhook destinations: a healthy one (identify and track for audiences, identify for traits), a
 flaky one (503 to every second request for its first FLAKY_S seconds) and a refusing one (400), and a Kafka
-destination (a topic of the same cluster). Against the change
-topics (read_committed) as the oracle of what must be delivered: each change reaches the healthy and the flaky
-receiver exactly once by webhook-id, every signature verifies with the `standardwebhooks` library, each profile's
-deliveries arrive in the order of its changes, the receivers' view of every profile equals the topics' last values,
-the refusing destination's deliveries are dead-lettered at once with status and body, and the Kafka topic holds
-each delivery once, keyed by profile, with its id in the `cdp-delivery-id` header.
+destination (a topic of the same cluster), a Postgres warehouse (a real server, tests/postgres_server.py) and one
+whose database is unreachable. Against the change topics (read_committed) as the oracle of what must be delivered:
+each change reaches the healthy and the flaky receiver exactly once by webhook-id, every signature verifies with the
+`standardwebhooks` library, each profile's deliveries arrive in the order of its changes, the receivers' view of
+every profile equals the topics' last values, the refusing destination's deliveries are dead-lettered at once with
+status and body, the Kafka topic holds each delivery once, keyed by profile, with its id in the `cdp-delivery-id`
+header, and the warehouse's tables hold each profile's newest values while the unreachable one retries saying why.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 import requests
@@ -30,7 +34,9 @@ from confluent_kafka.admin import NewTopic
 from standardwebhooks import Webhook
 
 from agents.sync.payloads import delivery_id
+from agents.sync.warehouse import column_name
 from tests.integration.test_compute_stage import ADMIN, _iso, people_stream, post_definition, send
+from tests.postgres_server import PostgresServer, free_port
 from tests.receivers import Receivers, Received
 from tests.support import Pipeline, wait_until
 
@@ -51,7 +57,7 @@ def receivers() -> Iterator[Receivers]:
 
 
 @pytest.fixture(scope="module")
-def synced(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory, receivers: Receivers) -> Iterator[Pipeline]:
+def synced(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory, receivers: Receivers, postgres: PostgresServer) -> Iterator[Pipeline]:
     first: list[float] = []
 
     def flaky(count: int) -> tuple[int, str, dict[str, str]]:
@@ -67,6 +73,8 @@ def synced(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory, recei
         {"name": "flaky", "kind": "webhook", "url": receivers.url("flaky"), "secret": SECRETS["flaky"], **FAST_RETRY},
         {"name": "refusing", "kind": "webhook", "url": receivers.url("refusing"), "secret": SECRETS["refusing"],
          "subscribe": ["audience_membership"]},
+        {"name": "warehouse", "kind": "postgres", "dsn": postgres.dsn, "batch": {"size": 50}, **FAST_RETRY},
+        {"name": "offline", "kind": "postgres", "dsn": f"postgresql://cdp:x@127.0.0.1:{free_port()}/postgres", "timeout": "2s"},
         {"name": "stream", "kind": "kafka", "topic": "PREFIX.crm-feed", "audience_calls": ["identify", "track"]},
     ]  # fmt: skip
     pipe = Pipeline(bootstrap=kafka_bootstrap, root=tmp_path_factory.mktemp("sync"),
@@ -125,6 +133,41 @@ def last_values(found: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         subject = change.get("audience") or change.get("trait")
         last[change["profile_id"]][subject] = (change["transition"] == "entered") if change["topic"] == "audiences" else change["new_value"]
     return last
+
+
+def warehouse(dsn: str, schema: str) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """Per profile, its trait columns and audiences as the warehouse's tables hold them (nulls left out); and its seq."""
+
+    async def read() -> tuple[list[Any], list[Any]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return (await conn.fetch(f"SELECT * FROM {schema}.profiles"), await conn.fetch(f"SELECT * FROM {schema}.audience_memberships"))
+        finally:
+            await conn.close()
+
+    try:
+        profiles, memberships = asyncio.run(read())
+    except asyncpg.UndefinedTableError:
+        return {}, {}
+    own = {"profile_id", "user_id", "anonymous_id", "email", "seq", "updated_at", "uuid_ts", "_seqs"}
+    view: dict[str, dict[str, Any]] = defaultdict(dict)
+    for row in profiles:
+        view[row["profile_id"]].update({f"trait:{k}": float(v) if isinstance(v, Decimal) else v for k, v in row.items() if k not in own and v is not None})
+    for row in memberships:
+        view[row["profile_id"]][f"audience:{row['audience']}"] = row["member"]
+    return dict(view), {row["profile_id"]: row["seq"] for row in profiles}
+
+
+def warehouse_oracle(found: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """What `warehouse` must read: each profile's last value per trait column and audience on the change topics, and
+    its newest seq (no row older than its newest change)."""
+    view: dict[str, dict[str, Any]] = defaultdict(dict)
+    for change in found:  # in seq order per profile
+        audience = change["topic"] == "audiences"
+        subject = f"audience:{change['audience']}" if audience else f"trait:{column_name(change['trait'])}"
+        view[change["profile_id"]][subject] = change["transition"] == "entered" if audience else change["new_value"]
+    return ({p: {k: v for k, v in values.items() if v is not None} for p, values in view.items()},
+            {c["profile_id"]: c["seq"] for c in found})  # fmt: skip
 
 
 def verified(received: list[Received], path: str) -> list[dict[str, Any]]:
@@ -195,6 +238,18 @@ def test_every_change_reaches_each_destination_once_in_order_signed_and_refusals
     assert status["refusing"]["dead_lettered"] == len(plans["refusing"]) and status["refusing"]["last_error"] == "HTTP 400"
     shown = requests.get(f"http://127.0.0.1:{synced.web_port}/v1/definitions/destinations", timeout=10).json()["destinations"]
     assert all(d["definition"]["secret"] == "<redacted>" for d in shown if d["definition"]["kind"] == "webhook")
+
+
+@pytest.mark.integration
+def test_the_warehouse_holds_each_profiles_newest_values_and_an_unreachable_one_retries_saying_why(synced: Pipeline, postgres: PostgresServer) -> None:
+    want = warehouse_oracle(changes(synced))
+    assert want[0] and any(k.startswith("audience:") for v in want[0].values() for k in v), "the stream must make traits and audiences"
+    wait_until(lambda: warehouse(postgres.dsn, "warehouse") == want, timeout=120, what="the warehouse to hold the topics' last values")
+    status = {d["name"]: d for d in destinations(synced.web_port)}
+    offline = status["offline"]
+    assert offline["status"] == "retrying" and offline["backlog"] > 0 and offline["delivered"] == 0, offline
+    assert "postgres offline" in offline["last_error"] and "Connect" in offline["last_error"], offline["last_error"]
+    assert status["warehouse"]["backlog"] == 0 and status["warehouse"]["delivered"] > 0 and status["healthy"]["backlog"] == 0
 
 
 @pytest.mark.integration
@@ -295,10 +350,11 @@ def destinations(port: int) -> list[dict[str, Any]]:
 
 @pytest.mark.integration
 def test_a_worker_killed_mid_delivery_loses_nothing_and_repeats_only_with_the_same_id(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory,
-                                                                                      receivers: Receivers) -> None:  # fmt: skip
+                                                                                      receivers: Receivers, postgres: PostgresServer) -> None:  # fmt: skip
     """A slow receiver (each answer takes 30 ms, 2 in flight) keeps deliveries in flight; the worker is SIGKILLed
-    twice while they are. Everything the change topics hold arrives, every request is one of them (a repeat carries
-    its change's id), and the receiver's view equals the topics'."""
+    twice while they are, and while a warehouse loads batches of 20. Everything the change topics hold arrives, every
+    request is one of them (a repeat carries its change's id), the receiver's view equals the topics', and so do
+    the warehouse's rows (no row older than its profile's newest change)."""
 
     def slow(count: int) -> tuple[int, str, dict[str, str]]:
         time.sleep(0.03)  # the receiver's thread: requests queue behind each other
@@ -306,8 +362,9 @@ def test_a_worker_killed_mid_delivery_loses_nothing_and_repeats_only_with_the_sa
 
     receivers.on("crash", slow)
     destination = {"name": "crash", "kind": "webhook", "url": receivers.url("crash"), "secret": SECRETS["crash"], "concurrency": 2}
+    loaded = {"name": "crash-dw", "kind": "postgres", "dsn": postgres.dsn, "batch": {"size": 20}, "concurrency": 2}
     pipe = Pipeline(bootstrap=kafka_bootstrap, root=tmp_path_factory.mktemp("sync-crash"),
-                    extra_config={"traits": TRAITS, "audiences": AUDIENCES, "destinations": [destination]})  # fmt: skip
+                    extra_config={"traits": TRAITS, "audiences": AUDIENCES, "destinations": [destination, loaded]})  # fmt: skip
     pipe.create_topics()
     try:
         pipe.start("ingest")
@@ -335,5 +392,7 @@ def test_a_worker_killed_mid_delivery_loses_nothing_and_repeats_only_with_the_sa
                     view[change["profile_id"]][subject] = value
                     last_seq[(change["profile_id"], subject)] = change["seq"]
         assert view == last_values(found)
+        want = warehouse_oracle(found)
+        wait_until(lambda: warehouse(postgres.dsn, "crash_dw") == want, timeout=120, what="the warehouse to hold the topics' last values")
     finally:
         pipe.stop_all()

@@ -7,7 +7,8 @@ A kind module (webhook.py, ...) declares `KIND = Kind(name, check, open, secrets
   gives every kind, e.g. its own Kafka cluster);
 - `secrets`: the settings never shown back (GET /v1/definitions/destinations redacts them).
 A Sender makes one attempt at a batch of deliveries (at most `max_batch`, 1 unless the destination batches) and
-says what it came to (agents/sync/retry.py: Attempt); it never raises for the destination's failures. Adding a
+says what it came to (agents/sync/retry.py: Attempt), for the whole batch or one per delivery (a warehouse that
+refuses one row and takes the rest); it never raises for the destination's failures. Adding a
 kind is adding a module here (and its tests): `KINDS` finds it.
 """
 
@@ -31,8 +32,9 @@ REDACTED = "<redacted>"
 class Sender(Protocol):
     max_batch: int
 
-    async def send(self, deliveries: Sequence[Delivery]) -> Attempt:
-        """One attempt at delivering these (one request for all of them); never raises for the destination's faults."""
+    async def send(self, deliveries: Sequence[Delivery]) -> Attempt | Sequence[Attempt]:
+        """One attempt at delivering these (one request for all of them): its answer, or one per delivery in their
+        order; never raises for the destination's faults."""
         ...
 
     async def close(self) -> None: ...

@@ -116,17 +116,19 @@ class Courier:
             if not deliveries:
                 return
             try:
-                attempt = await self.sender.send([delivery for _, _, delivery in deliveries])
+                attempt: Attempt | Sequence[Attempt] = await self.sender.send([delivery for _, _, delivery in deliveries])
             except Exception:  # a Sender never raises for the destination's faults: this is a bug; try again later
                 log.exception("sync: %s: the sender failed", self.destination.name)
                 attempt = Attempt(None, "the sender failed (see the worker's log)")
-            if attempt.status == 410:
+            answers = [attempt] * len(deliveries) if isinstance(attempt, Attempt) else list(attempt)
+            if any(answer.status == 410 for answer in answers):
                 self.gone = True  # at once: the definition saying so reaches every worker a moment later
-            if attempt.status == 429:
-                pause = (attempt.retry_after_ms or self.destination.retry_base_ms) / 1000
-                self._paused_until = max(self._paused_until, self._clock() + pause)
-            for partition, key, _ in deliveries:
-                self._report(self.destination.name, partition, key, attempt)
+            for answer in answers:
+                if answer.status == 429:
+                    pause = (answer.retry_after_ms or self.destination.retry_base_ms) / 1000
+                    self._paused_until = max(self._paused_until, self._clock() + pause)
+            for (partition, key, _), answer in zip(deliveries, answers, strict=True):
+                self._report(self.destination.name, partition, key, answer)
         finally:
             self.in_flight -= len(batch)
             self._slots.release()
