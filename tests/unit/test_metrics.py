@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from topology.web.metrics import Metric, render
+from topology.web.metrics import Histogram, Metric, render
 
 
 def test_large_counters_print_exactly_and_fractions_stay_fractions() -> None:
@@ -31,3 +31,16 @@ def test_stage_cpu_charges_the_stage_for_its_cpu_not_for_waiting() -> None:
     busy = seconds() - before - slept
     assert slept < 0.02 and busy >= 0.05
     assert 'cdp_stage_cpu_seconds_total{stage="test-stage"}' in render([stage_cpu()])
+
+
+def test_a_histogram_is_exposed_as_cumulative_buckets_with_sum_and_count() -> None:
+    latency = Histogram(bounds=(0.1, 1.0))
+    for seconds in (0.05, 0.1, 0.5, 3.0):
+        latency.observe(seconds)
+    text = render([latency.into(Metric("cdp_x_seconds", "histogram", "x"), destination="crm")])
+    assert text.splitlines()[2:] == [
+        'cdp_x_seconds_bucket{destination="crm",le="0.1"} 2', 'cdp_x_seconds_bucket{destination="crm",le="1"} 3',
+        'cdp_x_seconds_bucket{destination="crm",le="+Inf"} 4', 'cdp_x_seconds_sum{destination="crm"} 3.65',
+        'cdp_x_seconds_count{destination="crm"} 4',
+    ]  # fmt: skip
+    assert "cdp_x_seconds_count 0" in render([Histogram().into(Metric("cdp_x_seconds", "histogram", "x"))])

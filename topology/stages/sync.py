@@ -57,7 +57,7 @@ from topology.topics import (
     AUDIENCE_MEMBERSHIP, DEFINITIONS, EVENTS_DEAD_LETTER, PROFILE_CHANGES, SYNC_DEAD_LETTER, SYNC_OUTCOMES, SYNC_REDELIVERIES,
     SYNC_STATE,
 )  # fmt: skip
-from topology.web.metrics import Metric
+from topology.web.metrics import Histogram, Metric
 
 log = logging.getLogger(__name__)
 FLUSH_S = 0.1  # how often attempts' answers are written (a crash sends at most this much again)
@@ -96,6 +96,7 @@ class DestinationCounts:
     dead_lettered: int = 0
     last_error: str | None = None
     last_error_at: int | None = None
+    latency: Histogram = field(default_factory=Histogram)  # seconds from a change read to its delivery
 
 
 @dataclass
@@ -360,6 +361,7 @@ class SyncStage(PartitionedStage):
         counts.attempts += tried
         if settled.outcome == "delivered":
             counts.delivered += 1
+            counts.latency.observe(max(0, self.now() - settled.item["queued_at"]) / 1000)
         elif settled.outcome == "retry":
             counts.retried += 1
         else:
@@ -401,10 +403,14 @@ class SyncStage(PartitionedStage):
         deliveries = Metric("cdp_sync_deliveries_total", "counter", "delivery attempts' outcomes per destination (this worker)")
         backlog = Metric("cdp_sync_backlog", "gauge", "deliveries queued per destination in this worker's partitions")
         disabled = Metric("cdp_sync_disabled", "gauge", "1 while a destination is off (a 410) until it is POSTed again")
+        attempts = Metric("cdp_sync_attempts_total", "counter", "deliveries tried per destination (a batch counts each of its deliveries)")
+        latency = Metric("cdp_sync_delivery_seconds", "histogram", "from a change read by the sync stage to its delivery, per destination")
         for name, destination in sorted(self.destinations().items()):
             counts = self._counters.per_destination[name]
             for outcome in ("delivered", "retried", "dead_lettered"):
                 deliveries.add(getattr(counts, outcome), destination=name, outcome=outcome)
+            attempts.add(counts.attempts, destination=name)
+            counts.latency.into(latency, destination=name)
             backlog.add(self.backlog(name), destination=name)
             disabled.add(int(destination.disabled is not None), destination=name)
         work = Metric("cdp_sync_total", "counter", "sync stage work, by what was done")
@@ -414,7 +420,7 @@ class SyncStage(PartitionedStage):
         for result, count in sorted(self._counters.redelivered.items()):
             redelivered.add(count, result=result)
         transactions = Metric("cdp_transactions_total", "counter", "Kafka transactions committed (one per poll cycle, and per timer run)")
-        return [work, redelivered, deliveries, backlog, disabled, transactions.add(self.transactions, stage=self.name), *self.cycles.metrics(self.name)]
+        return [work, redelivered, deliveries, attempts, latency, backlog, disabled, transactions.add(self.transactions, stage=self.name), *self.cycles.metrics(self.name)]
 
 
 SPEC = StageSpec(
