@@ -1,9 +1,9 @@
 """The sync stage on real Kafka with real processes and real HTTP receivers (aiohttp servers of the test).
 
 One pipeline, one stream of events (anonymous visitors who identify later: merges, trait changes, audience entries
-and exits), three webhook destinations: a healthy one (identify and track for audiences, identify for traits), a
-flaky one (503 to every second request for its first FLAKY_S seconds) and a refusing one (400), and a Kafka
-destination (a topic of the same cluster), a Postgres warehouse (a real server, tests/postgres_server.py) and one
+and exits), four webhook destinations: a healthy one (identify and track for audiences, identify for traits), a
+flaky one (503 to every second request for its first FLAKY_S seconds), a refusing one (400) and one answering 503
+until its deliveries pass max_age (3 s); a Kafka destination (a topic of the same cluster), a Postgres warehouse (a real server, tests/postgres_server.py) and one
 whose database is unreachable. Against the change topics (read_committed) as the oracle of what must be delivered:
 each change reaches the healthy and the flaky receiver exactly once by webhook-id, every signature verifies with the
 `standardwebhooks` library, each profile's deliveries arrive in the order of its changes, the receivers' view of
@@ -40,8 +40,8 @@ from tests.postgres_server import PostgresServer, free_port
 from tests.receivers import Receivers, Received
 from tests.support import Pipeline, wait_until
 
-SECRETS = {path: "whsec_" + ("MfKQ9r8GKYqrTwjUPD8ILPZIo2La" + path[:4].ljust(4, "x")) for path in ("healthy", "flaky", "refusing", "crash")}
-FLAKY_S = 15
+SECRETS = {path: "whsec_" + ("MfKQ9r8GKYqrTwjUPD8ILPZIo2La" + path[:4].ljust(4, "x")) for path in ("healthy", "flaky", "refusing", "crash", "expiring")}
+FLAKY_S = 60
 TRAITS = [{"key": "orders", "kind": "count", "event": "Order Completed"},
           {"key": "revenue", "kind": "sum", "event": "Order Completed", "property": "amount"}]  # fmt: skip
 AUDIENCES = [{"key": "buyers", "when": {"trait": "orders", "gte": 2}},
@@ -67,12 +67,15 @@ def synced(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory, recei
 
     receivers.on("flaky", flaky)
     receivers.on("refusing", lambda count: (400, "bad request: no thanks", {}))
+    receivers.on("expiring", lambda count: (503, "down for good", {}))
     destinations = [
         {"name": "healthy", "kind": "webhook", "url": receivers.url("healthy"), "secret": SECRETS["healthy"],
          "audience_calls": ["identify", "track"], **FAST_RETRY},
         {"name": "flaky", "kind": "webhook", "url": receivers.url("flaky"), "secret": SECRETS["flaky"], **FAST_RETRY},
         {"name": "refusing", "kind": "webhook", "url": receivers.url("refusing"), "secret": SECRETS["refusing"],
          "subscribe": ["audience_membership"]},
+        {"name": "expiring", "kind": "webhook", "url": receivers.url("expiring"), "secret": SECRETS["expiring"],
+         "subscribe": ["audience_membership"], "max_age": "3s", "retry": {"base": "200ms", "cap": "1s"}},
         {"name": "warehouse", "kind": "postgres", "dsn": postgres.dsn, "batch": {"size": 50}, **FAST_RETRY},
         {"name": "offline", "kind": "postgres", "dsn": f"postgresql://cdp:x@127.0.0.1:{free_port()}/postgres", "timeout": "2s"},
         {"name": "stream", "kind": "kafka", "topic": "PREFIX.crm-feed", "audience_calls": ["identify", "track"]},
@@ -170,6 +173,10 @@ def warehouse_oracle(found: list[dict[str, Any]]) -> tuple[dict[str, dict[str, A
             {c["profile_id"]: c["seq"] for c in found})  # fmt: skip
 
 
+def refusals(pipe: Pipeline) -> list[Any]:
+    return [r for r in pipe.read("sync.dead-letter", until=lambda rs: False, timeout=5) if r.value["destination"] == "refusing"]
+
+
 def verified(received: list[Received], path: str) -> list[dict[str, Any]]:
     hook = Webhook(SECRETS[path])
     return [hook.verify(r.body, {k.lower(): v for k, v in r.headers.items()}) for r in received]
@@ -214,7 +221,8 @@ def test_every_change_reaches_each_destination_once_in_order_signed_and_refusals
 
     refused = receivers.got("refusing")
     assert Counter(r.headers["webhook-id"] for r in refused) == Counter(set(plans["refusing"])), "a 400 must not be retried"
-    letters = synced.read("sync.dead-letter", until=lambda rs: len(rs) >= len(plans["refusing"]), timeout=60)
+    wait_until(lambda: len(refusals(synced)) >= len(plans["refusing"]), timeout=60, what="the refusals dead-lettered")
+    letters = refusals(synced)
     assert len(letters) == len(plans["refusing"])
     for letter in letters:
         value = letter.value
@@ -250,6 +258,26 @@ def test_the_warehouse_holds_each_profiles_newest_values_and_an_unreachable_one_
     assert offline["status"] == "retrying" and offline["backlog"] > 0 and offline["delivered"] == 0, offline
     assert "postgres offline" in offline["last_error"] and "Connect" in offline["last_error"], offline["last_error"]
     assert status["warehouse"]["backlog"] == 0 and status["warehouse"]["delivered"] > 0 and status["healthy"]["backlog"] == 0
+
+
+@pytest.mark.integration
+def test_a_delivery_failing_past_max_age_is_dead_lettered_with_its_last_answer(synced: Pipeline, receivers: Receivers) -> None:
+    plan = expected_ids(changes(synced), "expiring", ("identify",), False)
+
+    def letters() -> dict[str, dict[str, Any]]:
+        return {orjson.loads(r.value["value"])["id"]: r.value for r in synced.read("sync.dead-letter", until=lambda rs: False, timeout=5)
+                if r.value["destination"] == "expiring"}  # fmt: skip
+
+    wait_until(lambda: set(letters()) >= set(plan), timeout=90, what="every delivery to `expiring` given up past max_age", interval=1)
+    given_up = letters()
+    assert set(given_up) == set(plan)
+    for letter in given_up.values():  # one that waited behind its profile's failing delivery expires untried
+        assert "max_age" in letter["reason"], letter
+        assert letter["attempts"] == 0 or (letter["http_status"] == 503 and "down for good" in letter["response"]), letter
+    attempts = Counter(r.headers["webhook-id"] for r in receivers.got("expiring"))
+    assert set(attempts) <= set(plan) and all(r.status == 503 for r in receivers.got("expiring"))
+    assert max(attempts.values()) >= 2, "retried before it was given up"
+    assert next(d for d in destinations(synced.web_port) if d["name"] == "expiring")["backlog"] == 0
 
 
 @pytest.mark.integration
