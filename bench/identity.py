@@ -253,8 +253,12 @@ def workers(bench: Bench, count: int) -> Iterator[list[subprocess.Popen[bytes]]]
                 log = files.enter_context((logs / f"worker-{port}.log").open("wb"))
                 processes.append(subprocess.Popen([sys.executable, "-m", "topology.ops.cli", "worker", "--loglevel", "warn"],
                                                   env={**bench.env, "CDP_WEB_PORT": str(port)}, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
-            for port in ports:
-                wait_healthy(f"http://127.0.0.1:{port}", timeout=120)
+            for port, process in zip(ports, processes, strict=True):
+                try:
+                    wait_healthy(f"http://127.0.0.1:{port}", timeout=120)
+                except Exception:
+                    tail = (logs / f"worker-{port}.log").read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"the worker on port {port} did not start (exit {process.poll()}):\n{tail}") from None
             yield processes
     finally:
         for process in processes:

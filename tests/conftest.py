@@ -1,5 +1,5 @@
 """Session fixtures: one real Kafka broker for the whole run (or the cluster CDP_KAFKA_BOOTSTRAP names), and one real
-Postgres server for the tests that ask for it (tests/postgres_server.py).
+Postgres server for the tests that ask for it (topology/ops/postgres_local.py).
 
 The broker comes from topology.ops.kafka_local, the same code as `cdp kafka start`, with its jars cached in
 .cache/kafka-runtime (fetched from Maven Central once per checkout) and its data in a temp dir.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.postgres_server import PostgresServer
+from topology.ops.postgres_local import PostgresServer
 from tests.support import REPO_ROOT, Pipeline, free_ports
 from topology.config import Settings
 

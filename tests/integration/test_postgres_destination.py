@@ -14,7 +14,7 @@ import pytest
 from agents.sync.destinations import parse_destination
 from agents.sync.payloads import Delivery, membership_deliveries, trait_deliveries
 from agents.sync.retry import Attempt, verdict
-from tests.postgres_server import PostgresServer, free_port
+from topology.ops.postgres_local import PostgresServer, free_port
 from topology.destinations import CHECKS, SenderContext
 from topology.destinations.postgres import PostgresSender
 

@@ -3,7 +3,7 @@
 One pipeline, one stream of events (anonymous visitors who identify later: merges, trait changes, audience entries
 and exits), four webhook destinations: a healthy one (identify and track for audiences, identify for traits), a
 flaky one (503 to every second request for its first FLAKY_S seconds), a refusing one (400) and one answering 503
-until its deliveries pass max_age (3 s); a Kafka destination (a topic of the same cluster), a Postgres warehouse (a real server, tests/postgres_server.py) and one
+until its deliveries pass max_age (3 s); a Kafka destination (a topic of the same cluster), a Postgres warehouse (a real server, topology/ops/postgres_local.py) and one
 whose database is unreachable. Against the change topics (read_committed) as the oracle of what must be delivered:
 each change reaches the healthy and the flaky receiver exactly once by webhook-id, every signature verifies with the
 `standardwebhooks` library, each profile's deliveries arrive in the order of its changes, the receivers' view of
@@ -36,7 +36,7 @@ from standardwebhooks import Webhook
 from agents.sync.payloads import delivery_id
 from agents.sync.warehouse import column_name
 from tests.integration.test_compute_stage import ADMIN, _iso, people_stream, post_definition, send
-from tests.postgres_server import PostgresServer, free_port
+from topology.ops.postgres_local import PostgresServer, free_port
 from tests.receivers import Receivers, Received
 from tests.support import Pipeline, wait_until
 

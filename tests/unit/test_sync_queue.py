@@ -169,3 +169,5 @@ def test_a_change_read_before_an_earlier_one_is_held_until_the_gap_fills_or_time
     assert read_change(state, "p", 5, 20) == (False, None)  # 3 and 4 never come ...
     assert read_change(state, "p", 6, 21) == (False, None)
     assert read_change(state, "p", 7, 20 + HOLD_MS + 1) == (True, 7)  # ... so after HOLD_MS the count goes past them
+    assert read_change(state, "p", 8, 30 + HOLD_MS) == (True, None)  # in order again: nothing can be held
+    assert [read_change(state, "q", seq, 0) for seq in (1, 2, 3)] == [(True, None)] * 3

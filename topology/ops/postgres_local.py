@@ -1,6 +1,6 @@
-"""A real Postgres for the tests: Debian's `postgresql` server binaries, a cluster made with initdb in a temp dir, on
-its own port, run as an unprivileged user (the server refuses root), stopped after. `make test` installs the package
-when it is missing (`make postgres`)."""
+"""A local Postgres for the tests and `cdp bench sync`: Debian's `postgresql` server binaries, a cluster made with
+initdb in a temp dir, on its own port, run as an unprivileged user (the server refuses root), removed when stopped.
+`make test` installs the package when it is missing (`make postgres`)."""
 
 from __future__ import annotations
 
