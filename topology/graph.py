@@ -44,7 +44,7 @@ from topology.stages.compute import ComputeStage
 from topology.stages.dedup import DedupStage
 from topology.stages.identity import IdentityStage
 from topology.stages.sync import SyncStage
-from topology.topics import ALL_TOPICS, DEFINITIONS, EVENTS_ACCEPTED, EVENTS_RESOLVED, IDENTITY_COMMANDS, TopicSpec
+from topology.topics import ALL_TOPICS, DEFINITIONS, EVENTS_ACCEPTED, EVENTS_RESOLVED, IDENTITY_COMMANDS, PROFILE_CHANGES, TopicSpec
 from topology.web import worker as worker_web
 from topology.web.common import json_protocol_errors
 from topology.web.compute_views import ComputeViews
@@ -52,6 +52,7 @@ from topology.web.identity_views import IdentityViews
 from topology.web.ingest import IngestServer
 from topology.web.metrics import Metric, merged, process_cpu
 from topology.web.routing import Router
+from topology.web.sync_views import SyncViews
 
 log = logging.getLogger(__name__)
 COMMIT_INTERVAL_S = 0.2  # input offsets committed to the group: what a crash re-reads at most, what the lag counts twice
@@ -163,10 +164,12 @@ def _serve(app: faust.App, settings: Settings, graph: Graph, producer: LazyProdu
     )  # fmt: skip
     views = IdentityViews(Router(identity_, identity_.topics.commands, IDENTITY_COMMANDS.partition_count(settings), owners),
                           compute_views.enrich)  # fmt: skip
+    sync_ = graph.sync
+    sync_views = SyncViews(Router(sync_, sync_.topics.changes, PROFILE_CHANGES.partition_count(settings), owners), sync_.status)
     worker_web.register(
         app, settings=settings, views=views, compute_views=compute_views, definitions=definitions, producer=producer,
         partitions=EVENTS_RESOLVED.partition_count(settings), metrics=metrics,
-        stages=[module.SPEC.name for module in WORKER_STAGES], destinations=graph.sync.status,
+        stages=[module.SPEC.name for module in WORKER_STAGES], sync_views=sync_views,
     )  # fmt: skip
 
 

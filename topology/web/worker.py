@@ -32,6 +32,8 @@ from topology.web.identity_views import IdentityViews
 from topology.web.metrics import Metric, render
 from topology.runtime.producer import AsyncProducer
 from topology.web.routing import HOPS_HEADER, MAX_HOPS
+from topology.web.sync_views import INTERNAL as SYNC_INTERNAL
+from topology.web.sync_views import SyncViews
 
 
 def text_param(value: str, name: str) -> str:
@@ -87,7 +89,7 @@ def register(
     partitions: int,
     stages: list[str],
     metrics: Callable[[], list[Metric]],
-    destinations: Callable[[], list[dict[str, Any]]] = list,
+    sync_views: SyncViews,
 ) -> None:
     """Add the worker's routes to `app` (`partitions`: of the compute stage's input, for the internal views)."""
 
@@ -175,7 +177,12 @@ def register(
 
     @app.page("/v1/destinations")
     async def _destinations(web: Any, request: Any) -> Any:
-        return web.json({"destinations": destinations()})
+        status, body = await sync_views.destinations(hops(request))
+        return web.json(body, status=status)
+
+    @app.page(SYNC_INTERNAL)
+    async def _destinations_here(web: Any, request: Any) -> Any:
+        return web.json(sync_views.mine())
 
     codecs = Codecs(settings)
 
